@@ -1,0 +1,1006 @@
+//! The record batch: Quiver's unit of storage, replication and transfer, byte-identical on the
+//! wire and on disk.
+//!
+//! # Layout
+//!
+//! A batch is a fixed 61-byte little-endian header followed by the records section:
+//!
+//! | offset | field               | type | notes |
+//! |-------:|---------------------|------|-------|
+//! | 0      | `base_offset`       | u64  | offset of the first record; set by the broker on append |
+//! | 8      | `batch_length`      | u32  | bytes that follow this field (total size − 12) |
+//! | 12     | `leader_epoch`      | u32  | set by the partition leader on append |
+//! | 16     | `magic`             | u8   | format version, [`MAGIC`] = 1 |
+//! | 17     | `crc`               | u32  | CRC-32C (Castagnoli) of bytes 21..end |
+//! | 21     | `attributes`        | u16  | bits 0–2 compression (0 none, 1 lz4, 2 zstd); bit 3 timestamp type (0 create time); bit 4 transactional; bit 5 control; other bits 0 |
+//! | 23     | `last_offset_delta` | u32  | `record_count − 1` |
+//! | 27     | `first_timestamp`   | i64  | ms since the Unix epoch |
+//! | 35     | `max_timestamp`     | i64  | largest record timestamp |
+//! | 43     | `producer_id`       | i64  | −1 when not idempotent (reserved for idempotence) |
+//! | 51     | `producer_epoch`    | i16  | −1 when not idempotent |
+//! | 53     | `base_sequence`     | i32  | −1 when not idempotent |
+//! | 57     | `record_count`      | u32  | number of records, ≥ 1 |
+//! | 61     | records             |      | the records, compressed as a whole when compression ≠ 0 |
+//!
+//! `base_offset` and `leader_epoch` sit outside the CRC so a broker assigns them without
+//! recomputing it; everything a producer wrote is covered.
+//!
+//! Each record (after decompression) is:
+//!
+//! ```text
+//! length            varint   bytes of the record after this field
+//! attributes        u8       0 (reserved)
+//! timestamp_delta   varint   record timestamp − first_timestamp
+//! offset_delta      varint   0, 1, 2, ... in order
+//! key_length        varint   −1 = no key
+//! key               bytes
+//! value_length      varint   −1 = no value (tombstone)
+//! value             bytes
+//! header_count      varint
+//!   header_key_length   varint, header_key (UTF-8)
+//!   header_value_length varint (−1 = null), header_value
+//! ```
+//!
+//! Varints are zig-zag LEB128 ([`crate::varint`]).
+
+use std::borrow::Cow;
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::varint::{get_varint, put_varint, varint_len};
+
+/// Size of the fixed batch header.
+pub const BATCH_HEADER_BYTES: usize = 61;
+/// Bytes before and including the `batch_length` field.
+pub const BATCH_LENGTH_PREFIX_BYTES: usize = 12;
+/// Current batch format version.
+pub const MAGIC: u8 = 1;
+/// First byte covered by the CRC.
+pub const CRC_START: usize = 21;
+
+const OFF_BASE_OFFSET: usize = 0;
+const OFF_BATCH_LENGTH: usize = 8;
+const OFF_LEADER_EPOCH: usize = 12;
+const OFF_MAGIC: usize = 16;
+const OFF_CRC: usize = 17;
+const OFF_ATTRIBUTES: usize = 21;
+const OFF_LAST_OFFSET_DELTA: usize = 23;
+const OFF_FIRST_TIMESTAMP: usize = 27;
+const OFF_MAX_TIMESTAMP: usize = 35;
+const OFF_PRODUCER_ID: usize = 43;
+const OFF_PRODUCER_EPOCH: usize = 51;
+const OFF_BASE_SEQUENCE: usize = 53;
+const OFF_RECORD_COUNT: usize = 57;
+
+const ATTR_COMPRESSION_MASK: u16 = 0b111;
+const ATTR_TIMESTAMP_TYPE: u16 = 1 << 3;
+const ATTR_TRANSACTIONAL: u16 = 1 << 4;
+const ATTR_CONTROL: u16 = 1 << 5;
+const ATTR_KNOWN: u16 =
+    ATTR_COMPRESSION_MASK | ATTR_TIMESTAMP_TYPE | ATTR_TRANSACTIONAL | ATTR_CONTROL;
+
+/// Compression of a batch's records section.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Compression {
+    /// Stored as is.
+    #[default]
+    None,
+    /// LZ4 block format with the uncompressed size prepended (`lz4_flex` "size-prepended").
+    Lz4,
+    /// A Zstandard frame.
+    Zstd,
+}
+
+impl Compression {
+    /// The attribute bits of this codec.
+    pub fn code(self) -> u16 {
+        match self {
+            Compression::None => 0,
+            Compression::Lz4 => 1,
+            Compression::Zstd => 2,
+        }
+    }
+
+    /// The codec named by attribute bits.
+    pub fn from_code(code: u16) -> Option<Self> {
+        match code {
+            0 => Some(Compression::None),
+            1 => Some(Compression::Lz4),
+            2 => Some(Compression::Zstd),
+            _ => None,
+        }
+    }
+}
+
+impl std::str::FromStr for Compression {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "none" => Ok(Compression::None),
+            "lz4" => Ok(Compression::Lz4),
+            "zstd" => Ok(Compression::Zstd),
+            other => Err(format!(
+                "unknown compression {other:?}; expected none, lz4 or zstd"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Compression {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Compression::None => "none",
+            Compression::Lz4 => "lz4",
+            Compression::Zstd => "zstd",
+        })
+    }
+}
+
+/// Why bytes are not a valid batch.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BatchError {
+    /// Fewer bytes than the header, or than `batch_length` claims.
+    #[error("batch truncated: need {need} bytes, have {have}")]
+    Truncated {
+        /// Bytes the batch claims.
+        need: usize,
+        /// Bytes available.
+        have: usize,
+    },
+    /// `batch_length` is smaller than a header or larger than allowed.
+    #[error("batch length {0} is out of range")]
+    BadLength(u64),
+    /// Unknown format version.
+    #[error("unsupported batch magic {0}")]
+    BadMagic(u8),
+    /// The CRC does not match the contents.
+    #[error("batch crc mismatch: stored {stored:#010x}, computed {computed:#010x}")]
+    CrcMismatch {
+        /// CRC in the header.
+        stored: u32,
+        /// CRC of the bytes.
+        computed: u32,
+    },
+    /// Attribute bits name an unknown codec or reserved bits are set.
+    #[error("invalid batch attributes {0:#06x}")]
+    BadAttributes(u16),
+    /// Header fields contradict each other or the records.
+    #[error("invalid batch: {0}")]
+    Invalid(String),
+    /// A record is larger than the topic allows.
+    #[error(
+        "record at offset delta {offset_delta} is {bytes} bytes, more than the maximum of {max_bytes}"
+    )]
+    RecordTooLarge {
+        /// Index of the record in its batch.
+        offset_delta: u32,
+        /// Size of the record.
+        bytes: usize,
+        /// Allowed size.
+        max_bytes: usize,
+    },
+    /// The records section failed to decompress.
+    #[error("batch decompression failed: {0}")]
+    Decompress(String),
+}
+
+/// The fixed header of a batch, decoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchHeader {
+    /// Offset of the first record.
+    pub base_offset: u64,
+    /// Bytes after the `batch_length` field.
+    pub batch_length: u32,
+    /// Leader epoch stamped on append.
+    pub leader_epoch: u32,
+    /// Format version.
+    pub magic: u8,
+    /// Stored CRC-32C.
+    pub crc: u32,
+    /// Attribute bits.
+    pub attributes: u16,
+    /// `record_count − 1`.
+    pub last_offset_delta: u32,
+    /// Timestamp of the first record, ms.
+    pub first_timestamp: i64,
+    /// Largest record timestamp, ms.
+    pub max_timestamp: i64,
+    /// Idempotent producer id, or −1.
+    pub producer_id: i64,
+    /// Idempotent producer epoch, or −1.
+    pub producer_epoch: i16,
+    /// Sequence of the first record, or −1.
+    pub base_sequence: i32,
+    /// Records in the batch.
+    pub record_count: u32,
+}
+
+fn le_u32(b: &[u8], at: usize) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(a)
+}
+fn le_u64(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+fn le_u16(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+
+impl BatchHeader {
+    /// Decodes the header at the front of `buf` (no CRC check).
+    pub fn parse(buf: &[u8]) -> Result<Self, BatchError> {
+        if buf.len() < BATCH_HEADER_BYTES {
+            return Err(BatchError::Truncated {
+                need: BATCH_HEADER_BYTES,
+                have: buf.len(),
+            });
+        }
+        Ok(Self {
+            base_offset: le_u64(buf, OFF_BASE_OFFSET),
+            batch_length: le_u32(buf, OFF_BATCH_LENGTH),
+            leader_epoch: le_u32(buf, OFF_LEADER_EPOCH),
+            magic: buf[OFF_MAGIC],
+            crc: le_u32(buf, OFF_CRC),
+            attributes: le_u16(buf, OFF_ATTRIBUTES),
+            last_offset_delta: le_u32(buf, OFF_LAST_OFFSET_DELTA),
+            first_timestamp: le_u64(buf, OFF_FIRST_TIMESTAMP) as i64,
+            max_timestamp: le_u64(buf, OFF_MAX_TIMESTAMP) as i64,
+            producer_id: le_u64(buf, OFF_PRODUCER_ID) as i64,
+            producer_epoch: le_u16(buf, OFF_PRODUCER_EPOCH) as i16,
+            base_sequence: le_u32(buf, OFF_BASE_SEQUENCE) as i32,
+            record_count: le_u32(buf, OFF_RECORD_COUNT),
+        })
+    }
+
+    /// Total size of the batch in bytes.
+    pub fn total_bytes(&self) -> usize {
+        self.batch_length as usize + BATCH_LENGTH_PREFIX_BYTES
+    }
+
+    /// Offset of the last record.
+    pub fn last_offset(&self) -> u64 {
+        self.base_offset + u64::from(self.last_offset_delta)
+    }
+
+    /// Offset after the last record.
+    pub fn next_offset(&self) -> u64 {
+        self.last_offset() + 1
+    }
+
+    /// Compression codec, if the bits name a known one.
+    pub fn compression(&self) -> Option<Compression> {
+        Compression::from_code(self.attributes & ATTR_COMPRESSION_MASK)
+    }
+
+    /// Whether this is a control batch (transaction markers; reserved).
+    pub fn is_control(&self) -> bool {
+        self.attributes & ATTR_CONTROL != 0
+    }
+}
+
+/// Length of the batch at the front of `buf`, read from its `batch_length` field, or `None` when
+/// fewer than 12 bytes are present. Used to frame batches in a stream of bytes.
+pub fn peek_batch_bytes(buf: &[u8]) -> Option<usize> {
+    if buf.len() < BATCH_LENGTH_PREFIX_BYTES {
+        return None;
+    }
+    Some(le_u32(buf, OFF_BATCH_LENGTH) as usize + BATCH_LENGTH_PREFIX_BYTES)
+}
+
+/// Writes `base_offset` into a batch in place (outside the CRC).
+pub fn set_base_offset(batch: &mut [u8], base_offset: u64) {
+    batch[OFF_BASE_OFFSET..OFF_BASE_OFFSET + 8].copy_from_slice(&base_offset.to_le_bytes());
+}
+
+/// Writes `leader_epoch` into a batch in place (outside the CRC).
+pub fn set_leader_epoch(batch: &mut [u8], epoch: u32) {
+    batch[OFF_LEADER_EPOCH..OFF_LEADER_EPOCH + 4].copy_from_slice(&epoch.to_le_bytes());
+}
+
+/// A batch whose length and CRC have been checked, borrowed from a larger buffer.
+#[derive(Clone, Copy, Debug)]
+pub struct BatchView<'a> {
+    header: BatchHeader,
+    bytes: &'a [u8],
+}
+
+impl<'a> BatchView<'a> {
+    /// Checks the batch at the front of `buf` (length, magic, CRC, attributes) and returns it and
+    /// its size. Bytes after the batch are ignored.
+    pub fn parse(buf: &'a [u8]) -> Result<Self, BatchError> {
+        let header = BatchHeader::parse(buf)?;
+        let total = header.total_bytes();
+        if total < BATCH_HEADER_BYTES {
+            return Err(BatchError::BadLength(u64::from(header.batch_length)));
+        }
+        if buf.len() < total {
+            return Err(BatchError::Truncated {
+                need: total,
+                have: buf.len(),
+            });
+        }
+        if header.magic != MAGIC {
+            return Err(BatchError::BadMagic(header.magic));
+        }
+        let bytes = &buf[..total];
+        let computed = crc32c::crc32c(&bytes[CRC_START..]);
+        if computed != header.crc {
+            return Err(BatchError::CrcMismatch {
+                stored: header.crc,
+                computed,
+            });
+        }
+        if header.attributes & !ATTR_KNOWN != 0 || header.compression().is_none() {
+            return Err(BatchError::BadAttributes(header.attributes));
+        }
+        Ok(Self { header, bytes })
+    }
+
+    /// The decoded header.
+    pub fn header(&self) -> &BatchHeader {
+        &self.header
+    }
+
+    /// The whole batch, header included.
+    pub fn as_bytes(&self) -> &'a [u8] {
+        self.bytes
+    }
+
+    /// The records section, decompressed if needed.
+    pub fn records_section(&self) -> Result<Cow<'a, [u8]>, BatchError> {
+        let raw = &self.bytes[BATCH_HEADER_BYTES..];
+        match self.header.compression() {
+            Some(Compression::None) => Ok(Cow::Borrowed(raw)),
+            Some(Compression::Lz4) => lz4_flex::block::decompress_size_prepended(raw)
+                .map(Cow::Owned)
+                .map_err(|e| BatchError::Decompress(e.to_string())),
+            Some(Compression::Zstd) => {
+                // Bound the output so a zstd bomb cannot exhaust memory: records of a valid
+                // batch never exceed this many bytes per record plus overheads.
+                let limit = zstd_output_bytes_max(raw.len());
+                zstd::bulk::decompress(raw, limit)
+                    .map(Cow::Owned)
+                    .map_err(|e| BatchError::Decompress(e.to_string()))
+            }
+            None => Err(BatchError::BadAttributes(self.header.attributes)),
+        }
+    }
+
+    /// Decodes every record, checking structure, offset deltas and sizes; calls `f` per record.
+    pub fn for_each_record(
+        &self,
+        max_record_bytes: usize,
+        mut f: impl FnMut(&Record<'_>),
+    ) -> Result<(), BatchError> {
+        let section = self.records_section()?;
+        let mut it = RecordIter::new(&section, self.header.first_timestamp);
+        let mut n: u32 = 0;
+        while let Some(rec) = it.next_record()? {
+            if rec.offset_delta != n {
+                return Err(BatchError::Invalid(format!(
+                    "record {n} has offset delta {}",
+                    rec.offset_delta
+                )));
+            }
+            if rec.encoded_bytes > max_record_bytes {
+                return Err(BatchError::RecordTooLarge {
+                    offset_delta: n,
+                    bytes: rec.encoded_bytes,
+                    max_bytes: max_record_bytes,
+                });
+            }
+            if rec.timestamp > self.header.max_timestamp {
+                return Err(BatchError::Invalid(format!(
+                    "record {n} timestamp {} is after the batch max timestamp",
+                    rec.timestamp
+                )));
+            }
+            f(&rec);
+            n = n
+                .checked_add(1)
+                .ok_or_else(|| BatchError::Invalid("too many records".into()))?;
+        }
+        if n != self.header.record_count {
+            return Err(BatchError::Invalid(format!(
+                "header says {} records, found {n}",
+                self.header.record_count
+            )));
+        }
+        Ok(())
+    }
+
+    /// Decodes the records into owned values (for clients and tests; the broker never needs this).
+    pub fn to_records(&self) -> Result<Vec<OwnedRecord>, BatchError> {
+        let mut out = Vec::with_capacity(self.header.record_count.min(1 << 16) as usize);
+        let base = self.header.base_offset;
+        self.for_each_record(usize::MAX, |r| out.push(r.to_owned(base)))?;
+        Ok(out)
+    }
+}
+
+/// Zstd output bound for a compressed section of `compressed_bytes`: a generous ratio with a
+/// floor and a hard ceiling (256 MiB) so hostile input cannot make the decoder allocate without
+/// bound.
+fn zstd_output_bytes_max(compressed_bytes: usize) -> usize {
+    compressed_bytes
+        .saturating_mul(255)
+        .clamp(1 << 20, 256 << 20)
+}
+
+/// Limits a broker applies when validating a produced batch.
+#[derive(Clone, Copy, Debug)]
+pub struct BatchLimits {
+    /// Largest single record (encoded size), bytes.
+    pub record_bytes_max: usize,
+    /// Largest batch, bytes.
+    pub batch_bytes_max: usize,
+}
+
+/// What validation learned about a batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ValidatedBatch {
+    /// Size in bytes.
+    pub bytes: usize,
+    /// Records in the batch.
+    pub record_count: u32,
+    /// Smallest record timestamp.
+    pub first_timestamp: i64,
+    /// Largest record timestamp.
+    pub max_timestamp: i64,
+}
+
+/// Full validation of one produced batch occupying exactly `buf`: framing, CRC, attributes,
+/// header consistency and every record's structure and size. Does not modify the bytes.
+pub fn validate_batch(buf: &[u8], limits: &BatchLimits) -> Result<ValidatedBatch, BatchError> {
+    if buf.len() > limits.batch_bytes_max {
+        return Err(BatchError::BadLength(buf.len() as u64));
+    }
+    let view = BatchView::parse(buf)?;
+    if view.as_bytes().len() != buf.len() {
+        return Err(BatchError::Invalid(format!(
+            "{} bytes after the batch",
+            buf.len() - view.as_bytes().len()
+        )));
+    }
+    let h = *view.header();
+    if h.record_count == 0 || h.last_offset_delta != h.record_count - 1 {
+        return Err(BatchError::Invalid(format!(
+            "record count {} and last offset delta {} disagree",
+            h.record_count, h.last_offset_delta
+        )));
+    }
+    if h.max_timestamp < h.first_timestamp {
+        return Err(BatchError::Invalid(
+            "max timestamp before first timestamp".into(),
+        ));
+    }
+    if h.is_control() {
+        return Err(BatchError::Invalid(
+            "producers may not send control batches".into(),
+        ));
+    }
+    view.for_each_record(limits.record_bytes_max, |_| {})?;
+    Ok(ValidatedBatch {
+        bytes: buf.len(),
+        record_count: h.record_count,
+        first_timestamp: h.first_timestamp,
+        max_timestamp: h.max_timestamp,
+    })
+}
+
+/// A record header (`key` → optional `value`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header<'a> {
+    /// Header name.
+    pub key: &'a str,
+    /// Header value; `None` is a null value.
+    pub value: Option<&'a [u8]>,
+}
+
+/// One decoded record borrowing from its batch.
+#[derive(Clone, Debug)]
+pub struct Record<'a> {
+    /// Position in the batch.
+    pub offset_delta: u32,
+    /// Absolute timestamp, ms.
+    pub timestamp: i64,
+    /// Key, if any.
+    pub key: Option<&'a [u8]>,
+    /// Value; `None` is a tombstone.
+    pub value: Option<&'a [u8]>,
+    header_count: usize,
+    headers_raw: &'a [u8],
+    /// Encoded size of the record including its length prefix.
+    pub encoded_bytes: usize,
+}
+
+impl<'a> Record<'a> {
+    /// Iterates the record's headers (already validated when the record was decoded).
+    pub fn headers(&self) -> impl Iterator<Item = Header<'a>> + 'a {
+        let mut buf = self.headers_raw;
+        (0..self.header_count).filter_map(move |_| {
+            let (h, used) = decode_header(buf).ok()?;
+            buf = &buf[used..];
+            Some(h)
+        })
+    }
+
+    /// Copies the record out of its batch.
+    pub fn to_owned(&self, base_offset: u64) -> OwnedRecord {
+        OwnedRecord {
+            offset: base_offset + u64::from(self.offset_delta),
+            timestamp: self.timestamp,
+            key: self.key.map(Bytes::copy_from_slice),
+            value: self.value.map(Bytes::copy_from_slice),
+            headers: self
+                .headers()
+                .map(|h| (h.key.to_owned(), h.value.map(Bytes::copy_from_slice)))
+                .collect(),
+        }
+    }
+}
+
+/// A record with its absolute offset, owning its bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OwnedRecord {
+    /// Offset in the partition.
+    pub offset: u64,
+    /// Timestamp, ms.
+    pub timestamp: i64,
+    /// Key, if any.
+    pub key: Option<Bytes>,
+    /// Value; `None` is a tombstone.
+    pub value: Option<Bytes>,
+    /// Headers in order.
+    pub headers: Vec<(String, Option<Bytes>)>,
+}
+
+fn take_varint(buf: &[u8], pos: &mut usize) -> Result<i64, BatchError> {
+    let (v, used) = get_varint(&buf[*pos..]).map_err(|e| BatchError::Invalid(e.to_string()))?;
+    *pos += used;
+    Ok(v)
+}
+
+fn take_nullable<'a>(
+    buf: &'a [u8],
+    pos: &mut usize,
+    what: &str,
+) -> Result<Option<&'a [u8]>, BatchError> {
+    let len = take_varint(buf, pos)?;
+    if len == -1 {
+        return Ok(None);
+    }
+    let len =
+        usize::try_from(len).map_err(|_| BatchError::Invalid(format!("negative {what} length")))?;
+    if buf.len() - *pos < len {
+        return Err(BatchError::Invalid(format!("{what} runs past the record")));
+    }
+    let out = &buf[*pos..*pos + len];
+    *pos += len;
+    Ok(Some(out))
+}
+
+fn decode_header(buf: &[u8]) -> Result<(Header<'_>, usize), BatchError> {
+    let mut pos = 0;
+    let key = take_nullable(buf, &mut pos, "header key")?
+        .ok_or_else(|| BatchError::Invalid("null header key".into()))?;
+    let key = std::str::from_utf8(key)
+        .map_err(|_| BatchError::Invalid("header key is not UTF-8".into()))?;
+    let value = take_nullable(buf, &mut pos, "header value")?;
+    Ok((Header { key, value }, pos))
+}
+
+/// Iterates the records of a (decompressed) records section.
+#[derive(Debug)]
+pub struct RecordIter<'a> {
+    buf: &'a [u8],
+    pos: usize,
+    first_timestamp: i64,
+}
+
+impl<'a> RecordIter<'a> {
+    /// Starts at the first record of `section`.
+    pub fn new(section: &'a [u8], first_timestamp: i64) -> Self {
+        Self {
+            buf: section,
+            pos: 0,
+            first_timestamp,
+        }
+    }
+
+    /// The next record, `Ok(None)` at the end, or an error for malformed bytes.
+    pub fn next_record(&mut self) -> Result<Option<Record<'a>>, BatchError> {
+        if self.pos == self.buf.len() {
+            return Ok(None);
+        }
+        let start = self.pos;
+        let len = take_varint(self.buf, &mut self.pos)?;
+        let len = usize::try_from(len)
+            .map_err(|_| BatchError::Invalid("negative record length".into()))?;
+        if self.buf.len() - self.pos < len {
+            return Err(BatchError::Invalid("record runs past the batch".into()));
+        }
+        let body = &self.buf[self.pos..self.pos + len];
+        self.pos += len;
+        let encoded_bytes = self.pos - start;
+
+        let mut p = 0;
+        if body.is_empty() {
+            return Err(BatchError::Invalid("empty record".into()));
+        }
+        let _attributes = body[0];
+        p += 1;
+        let ts_delta = take_varint(body, &mut p)?;
+        let offset_delta = take_varint(body, &mut p)?;
+        let offset_delta = u32::try_from(offset_delta)
+            .map_err(|_| BatchError::Invalid("offset delta out of range".into()))?;
+        let key = take_nullable(body, &mut p, "key")?;
+        let value = take_nullable(body, &mut p, "value")?;
+        let header_count = take_varint(body, &mut p)?;
+        let header_count = usize::try_from(header_count)
+            .map_err(|_| BatchError::Invalid("negative header count".into()))?;
+        let headers_start = p;
+        for _ in 0..header_count {
+            if p >= body.len() {
+                return Err(BatchError::Invalid(
+                    "header count exceeds the record".into(),
+                ));
+            }
+            let (_, used) = decode_header(&body[p..])?;
+            p += used;
+        }
+        if p != body.len() {
+            return Err(BatchError::Invalid("trailing bytes in record".into()));
+        }
+        Ok(Some(Record {
+            offset_delta,
+            timestamp: self.first_timestamp.saturating_add(ts_delta),
+            key,
+            value,
+            header_count,
+            headers_raw: &body[headers_start..],
+            encoded_bytes,
+        }))
+    }
+}
+
+/// Iterates the CRC-checked batches of a buffer holding whole batches back to back (a fetch
+/// response, a produce request, a segment file).
+#[derive(Debug, Clone)]
+pub struct RecordBatches<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> RecordBatches<'a> {
+    /// Iterates `buf`.
+    pub fn new(buf: &'a [u8]) -> Self {
+        Self { buf }
+    }
+}
+
+impl<'a> Iterator for RecordBatches<'a> {
+    type Item = Result<BatchView<'a>, BatchError>;
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.buf.is_empty() {
+            return None;
+        }
+        match BatchView::parse(self.buf) {
+            Ok(v) => {
+                self.buf = &self.buf[v.as_bytes().len()..];
+                Some(Ok(v))
+            }
+            Err(e) => {
+                self.buf = &[];
+                Some(Err(e))
+            }
+        }
+    }
+}
+
+/// Builds one batch from records, client side.
+#[derive(Debug)]
+pub struct BatchBuilder {
+    compression: Compression,
+    records: Vec<u8>,
+    count: u32,
+    first_timestamp: Option<i64>,
+    max_timestamp: i64,
+}
+
+impl BatchBuilder {
+    /// An empty batch that will use `compression`.
+    pub fn new(compression: Compression) -> Self {
+        Self {
+            compression,
+            records: Vec::new(),
+            count: 0,
+            first_timestamp: None,
+            max_timestamp: i64::MIN,
+        }
+    }
+
+    /// Records added so far.
+    pub fn len(&self) -> u32 {
+        self.count
+    }
+
+    /// Whether no record was added.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Uncompressed size so far, header included.
+    pub fn estimated_bytes(&self) -> usize {
+        BATCH_HEADER_BYTES + self.records.len()
+    }
+
+    /// Size a record would add, in bytes.
+    pub fn record_bytes(
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: &[(&str, Option<&[u8]>)],
+    ) -> usize {
+        let body = Self::body_bytes(key, value, headers, 0, 0);
+        body + varint_len(body as i64)
+    }
+
+    fn body_bytes(
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: &[(&str, Option<&[u8]>)],
+        ts_delta: i64,
+        offset_delta: u32,
+    ) -> usize {
+        let nullable = |b: Option<&[u8]>| match b {
+            None => varint_len(-1),
+            Some(b) => varint_len(b.len() as i64) + b.len(),
+        };
+        1 + varint_len(ts_delta)
+            + varint_len(i64::from(offset_delta))
+            + nullable(key)
+            + nullable(value)
+            + varint_len(headers.len() as i64)
+            + headers
+                .iter()
+                .map(|(k, v)| nullable(Some(k.as_bytes())) + nullable(*v))
+                .sum::<usize>()
+    }
+
+    /// Appends a record with timestamp `timestamp_ms`.
+    pub fn push(
+        &mut self,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: &[(&str, Option<&[u8]>)],
+        timestamp_ms: i64,
+    ) {
+        let first = *self.first_timestamp.get_or_insert(timestamp_ms);
+        let ts_delta = timestamp_ms.saturating_sub(first);
+        let offset_delta = self.count;
+        let body = Self::body_bytes(key, value, headers, ts_delta, offset_delta);
+        let r = &mut self.records;
+        r.reserve(body + 10);
+        put_varint(r, body as i64);
+        r.push(0);
+        put_varint(r, ts_delta);
+        put_varint(r, i64::from(offset_delta));
+        let put_nullable = |r: &mut Vec<u8>, b: Option<&[u8]>| match b {
+            None => put_varint(r, -1),
+            Some(b) => {
+                put_varint(r, b.len() as i64);
+                r.extend_from_slice(b);
+            }
+        };
+        put_nullable(r, key);
+        put_nullable(r, value);
+        put_varint(r, headers.len() as i64);
+        for (k, v) in headers {
+            put_nullable(r, Some(k.as_bytes()));
+            put_nullable(r, *v);
+        }
+        self.count += 1;
+        self.max_timestamp = self.max_timestamp.max(timestamp_ms);
+    }
+
+    /// Encodes the batch (base offset 0, leader epoch 0, no producer id) and resets the builder.
+    ///
+    /// Timestamps: `first_timestamp` is the first record's and deltas are taken against it (a
+    /// later record may be older, a negative delta); `max_timestamp` is the largest.
+    pub fn finish(&mut self) -> Bytes {
+        let records = std::mem::take(&mut self.records);
+        let payload: Cow<'_, [u8]> = match self.compression {
+            Compression::None => Cow::Borrowed(&records),
+            Compression::Lz4 => Cow::Owned(lz4_flex::block::compress_prepend_size(&records)),
+            Compression::Zstd => match zstd::bulk::compress(&records, 1) {
+                Ok(c) => Cow::Owned(c),
+                // zstd only fails on allocation failure or bad parameters; fall back to
+                // storing the records uncompressed rather than losing them.
+                Err(_) => Cow::Borrowed(&records),
+            },
+        };
+        let compression = if matches!(payload, Cow::Borrowed(_)) {
+            Compression::None
+        } else {
+            self.compression
+        };
+        let first = self.first_timestamp.take().unwrap_or(0);
+        let total = BATCH_HEADER_BYTES + payload.len();
+        let mut b = BytesMut::with_capacity(total);
+        b.put_u64_le(0);
+        b.put_u32_le((total - BATCH_LENGTH_PREFIX_BYTES) as u32);
+        b.put_u32_le(0);
+        b.put_u8(MAGIC);
+        b.put_u32_le(0); // crc, patched below
+        b.put_u16_le(compression.code());
+        b.put_u32_le(self.count.saturating_sub(1));
+        b.put_i64_le(first);
+        b.put_i64_le(if self.count == 0 {
+            first
+        } else {
+            self.max_timestamp.max(first)
+        });
+        b.put_i64_le(-1);
+        b.put_i16_le(-1);
+        b.put_i32_le(-1);
+        b.put_u32_le(self.count);
+        b.put_slice(&payload);
+        let crc = crc32c::crc32c(&b[CRC_START..]);
+        b[OFF_CRC..OFF_CRC + 4].copy_from_slice(&crc.to_le_bytes());
+        self.count = 0;
+        self.max_timestamp = i64::MIN;
+        b.freeze()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const LIMITS: BatchLimits = BatchLimits {
+        record_bytes_max: 1 << 20,
+        batch_bytes_max: 16 << 20,
+    };
+
+    fn sample(compression: Compression) -> Bytes {
+        let mut b = BatchBuilder::new(compression);
+        b.push(Some(b"k1"), Some(b"hello"), &[("h", Some(b"v"))], 1000);
+        b.push(None, None, &[], 1005);
+        b.push(
+            Some(b""),
+            Some(&[7u8; 300]),
+            &[("a", None), ("b", Some(b""))],
+            1001,
+        );
+        b.finish()
+    }
+
+    #[test]
+    fn roundtrip_each_codec() {
+        for c in [Compression::None, Compression::Lz4, Compression::Zstd] {
+            let bytes = sample(c);
+            let v = validate_batch(&bytes, &LIMITS).unwrap();
+            assert_eq!(v.record_count, 3);
+            let view = BatchView::parse(&bytes).unwrap();
+            assert_eq!(view.header().compression(), Some(c));
+            let recs = view.to_records().unwrap();
+            assert_eq!(recs.len(), 3);
+            assert_eq!(recs[0].key.as_deref(), Some(&b"k1"[..]));
+            assert_eq!(
+                recs[0].headers,
+                vec![("h".to_string(), Some(Bytes::from_static(b"v")))]
+            );
+            assert_eq!(recs[1].value, None);
+            assert_eq!(recs[1].timestamp, 1005);
+            assert_eq!(recs[2].offset, 2);
+            assert_eq!(recs[2].value.as_deref(), Some(&[7u8; 300][..]));
+            assert_eq!(recs[2].headers[0], ("a".to_string(), None));
+        }
+    }
+
+    #[test]
+    fn offset_and_epoch_are_outside_the_crc() {
+        let mut bytes = BytesMut::from(&sample(Compression::None)[..]);
+        set_base_offset(&mut bytes, 42);
+        set_leader_epoch(&mut bytes, 7);
+        let view = BatchView::parse(&bytes).unwrap();
+        assert_eq!(view.header().base_offset, 42);
+        assert_eq!(view.header().leader_epoch, 7);
+        assert_eq!(view.to_records().unwrap()[1].offset, 43);
+    }
+
+    #[test]
+    fn every_flipped_bit_in_crc_scope_is_caught() {
+        let bytes = sample(Compression::None);
+        for i in CRC_START..bytes.len() {
+            let mut b = bytes.to_vec();
+            b[i] ^= 0x10;
+            assert!(validate_batch(&b, &LIMITS).is_err(), "flip at {i} accepted");
+        }
+    }
+
+    #[test]
+    fn record_too_large() {
+        let mut b = BatchBuilder::new(Compression::None);
+        b.push(None, Some(&[0u8; 2000]), &[], 0);
+        let bytes = b.finish();
+        let limits = BatchLimits {
+            record_bytes_max: 1000,
+            batch_bytes_max: 1 << 20,
+        };
+        assert!(matches!(
+            validate_batch(&bytes, &limits),
+            Err(BatchError::RecordTooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn batches_iterate_back_to_back() {
+        let mut all = Vec::new();
+        all.extend_from_slice(&sample(Compression::None));
+        all.extend_from_slice(&sample(Compression::Lz4));
+        let n = RecordBatches::new(&all)
+            .map(|b| b.unwrap().header().record_count)
+            .sum::<u32>();
+        assert_eq!(n, 6);
+        // A torn tail is reported, not skipped.
+        let torn = &all[..all.len() - 3];
+        let results: Vec<_> = RecordBatches::new(torn).collect();
+        assert!(results[0].is_ok());
+        assert!(matches!(results[1], Err(BatchError::Truncated { .. })));
+    }
+
+    fn arb_record() -> impl Strategy<
+        Value = (
+            Option<Vec<u8>>,
+            Option<Vec<u8>>,
+            Vec<(String, Option<Vec<u8>>)>,
+            i64,
+        ),
+    > {
+        (
+            proptest::option::of(proptest::collection::vec(any::<u8>(), 0..40)),
+            proptest::option::of(proptest::collection::vec(any::<u8>(), 0..200)),
+            proptest::collection::vec(
+                (
+                    "[a-z]{0,8}",
+                    proptest::option::of(proptest::collection::vec(any::<u8>(), 0..16)),
+                ),
+                0..4,
+            ),
+            0i64..1_000_000,
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn builder_roundtrips(records in proptest::collection::vec(arb_record(), 1..30), codec in 0u16..3) {
+            let c = Compression::from_code(codec).unwrap();
+            let mut b = BatchBuilder::new(c);
+            for (k, v, h, ts) in &records {
+                let hs: Vec<(&str, Option<&[u8]>)> = h.iter().map(|(k, v)| (k.as_str(), v.as_deref())).collect();
+                b.push(k.as_deref(), v.as_deref(), &hs, *ts);
+            }
+            let bytes = b.finish();
+            prop_assert!(validate_batch(&bytes, &LIMITS).is_ok());
+            let back = BatchView::parse(&bytes).unwrap().to_records().unwrap();
+            prop_assert_eq!(back.len(), records.len());
+            for (i, (r, (k, v, h, ts))) in back.iter().zip(&records).enumerate() {
+                prop_assert_eq!(r.offset, i as u64);
+                prop_assert_eq!(r.key.as_deref(), k.as_deref());
+                prop_assert_eq!(r.value.as_deref(), v.as_deref());
+                prop_assert_eq!(r.timestamp, *ts);
+                prop_assert_eq!(r.headers.len(), h.len());
+            }
+        }
+
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = validate_batch(&bytes, &LIMITS);
+            let _ = RecordBatches::new(&bytes).count();
+        }
+    }
+}

@@ -1,0 +1,1184 @@
+//! Request and response bodies of protocol version 1. PROTOCOL.md describes each field; the
+//! encoders here are the reference.
+//!
+//! Topic settings travel as string key/value pairs (as in Kafka) so new settings never change
+//! the message layout; [`config_keys`] lists the keys this version understands.
+
+use bytes::Bytes;
+
+use crate::codec::{DecodeError, Reader, Writer};
+use crate::error::ErrorCode;
+use crate::frame::ApiKey;
+
+/// A message body with a fixed API.
+pub trait Message: Sized {
+    /// The API this body belongs to.
+    const API: ApiKey;
+    /// Appends the body.
+    fn encode(&self, w: &mut Writer);
+    /// Decodes the body, consuming `r` entirely.
+    fn decode(r: &mut Reader) -> Result<Self, DecodeError>;
+
+    /// Encodes into a fresh buffer.
+    fn to_bytes(&self) -> Bytes {
+        let mut w = Writer::new();
+        self.encode(&mut w);
+        w.into_bytes().freeze()
+    }
+
+    /// Decodes a whole body, refusing trailing bytes.
+    fn from_bytes(body: Bytes) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(body);
+        let m = Self::decode(&mut r)?;
+        r.finish()?;
+        Ok(m)
+    }
+}
+
+/// Topic setting keys understood by protocol version 1.
+pub mod config_keys {
+    /// Delete whole segments older than this many ms (`-1` keeps forever).
+    pub const RETENTION_MS: &str = "retention.ms";
+    /// Delete oldest whole segments while the partition is larger than this (`-1` unlimited).
+    pub const RETENTION_BYTES: &str = "retention.bytes";
+    /// Roll a new segment when the active one reaches this size.
+    pub const SEGMENT_BYTES: &str = "segment.bytes";
+    /// Roll a new segment when the active one is this old.
+    pub const SEGMENT_MS: &str = "segment.ms";
+    /// `batch` (fsync before acknowledging, with group commit) or `interval`.
+    pub const FLUSH_POLICY: &str = "flush.policy";
+    /// With `flush.policy=interval`, fsync at least this often.
+    pub const FLUSH_INTERVAL_MS: &str = "flush.interval.ms";
+    /// Largest record accepted (encoded key + value + headers).
+    pub const MAX_RECORD_BYTES: &str = "max.record.bytes";
+    /// Every key, in documentation order.
+    pub const ALL: &[&str] = &[
+        RETENTION_MS,
+        RETENTION_BYTES,
+        SEGMENT_BYTES,
+        SEGMENT_MS,
+        FLUSH_POLICY,
+        FLUSH_INTERVAL_MS,
+        MAX_RECORD_BYTES,
+    ];
+}
+
+fn put_configs(w: &mut Writer, configs: &[(String, String)]) {
+    w.count(configs.len());
+    for (k, v) in configs {
+        w.string(k);
+        w.string(v);
+    }
+}
+
+fn get_configs(r: &mut Reader) -> Result<Vec<(String, String)>, DecodeError> {
+    let n = r.count("configs", 4)?;
+    (0..n)
+        .map(|_| Ok((r.string("config key")?, r.string("config value")?)))
+        .collect()
+}
+
+fn get_vec<T>(
+    r: &mut Reader,
+    field: &'static str,
+    min_item_bytes: usize,
+    mut f: impl FnMut(&mut Reader) -> Result<T, DecodeError>,
+) -> Result<Vec<T>, DecodeError> {
+    let n = r.count(field, min_item_bytes)?;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(f(r)?);
+    }
+    Ok(out)
+}
+
+fn put_vec<T>(w: &mut Writer, items: &[T], mut f: impl FnMut(&mut Writer, &T)) {
+    w.count(items.len());
+    for i in items {
+        f(w, i);
+    }
+}
+
+/// An error code with a human-readable message (empty on success).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Status {
+    /// The code.
+    pub code: ErrorCode,
+    /// Details for people.
+    pub message: String,
+}
+
+impl Status {
+    /// Success.
+    pub fn ok() -> Self {
+        Self {
+            code: ErrorCode::None,
+            message: String::new(),
+        }
+    }
+    /// A failure.
+    pub fn err(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+    /// Whether this is success.
+    pub fn is_ok(&self) -> bool {
+        self.code == ErrorCode::None
+    }
+    fn encode(&self, w: &mut Writer) {
+        w.u16(self.code.code());
+        w.string(&self.message);
+    }
+    fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
+        Ok(Self {
+            code: ErrorCode::from_code(r.u16("error")?),
+            message: r.string("message")?,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// ApiVersions
+
+/// Asks which APIs the server supports.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApiVersionsRequest;
+
+/// One supported API.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ApiVersionRange {
+    /// API code.
+    pub api: u16,
+    /// Lowest supported version.
+    pub version_min: u16,
+    /// Highest supported version.
+    pub version_max: u16,
+}
+
+/// Supported APIs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApiVersionsResponse {
+    /// One entry per API.
+    pub apis: Vec<ApiVersionRange>,
+}
+
+impl Message for ApiVersionsRequest {
+    const API: ApiKey = ApiKey::ApiVersions;
+    fn encode(&self, _w: &mut Writer) {}
+    fn decode(_r: &mut Reader) -> Result<Self, DecodeError> {
+        Ok(Self)
+    }
+}
+
+impl Message for ApiVersionsResponse {
+    const API: ApiKey = ApiKey::ApiVersions;
+    fn encode(&self, w: &mut Writer) {
+        put_vec(w, &self.apis, |w, a| {
+            w.u16(a.api);
+            w.u16(a.version_min);
+            w.u16(a.version_max);
+        });
+    }
+    fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
+        Ok(Self {
+            apis: get_vec(r, "apis", 6, |r| {
+                Ok(ApiVersionRange {
+                    api: r.u16("api")?,
+                    version_min: r.u16("version_min")?,
+                    version_max: r.u16("version_max")?,
+                })
+            })?,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Metadata
+
+/// Asks for brokers and the partition layout of some or all topics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MetadataRequest {
+    /// Topics to describe; `None` for all.
+    pub topics: Option<Vec<String>>,
+}
+
+/// A broker of the cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BrokerInfo {
+    /// Node id.
+    pub node_id: u32,
+    /// Address clients connect to (`host:port`).
+    pub addr: String,
+}
+
+/// Layout of one partition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PartitionMetadata {
+    /// Partition index.
+    pub partition: u32,
+    /// Node id of the leader.
+    pub leader: u32,
+    /// Current leader epoch.
+    pub leader_epoch: u32,
+}
+
+/// Layout of one topic.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TopicMetadata {
+    /// Topic name.
+    pub name: String,
+    /// `unknown_topic_or_partition` when it does not exist.
+    pub status: Status,
+    /// Partitions in index order.
+    pub partitions: Vec<PartitionMetadata>,
+}
+
+/// Brokers and topic layout.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MetadataResponse {
+    /// Known brokers.
+    pub brokers: Vec<BrokerInfo>,
+    /// Requested topics.
+    pub topics: Vec<TopicMetadata>,
+}
+
+impl Message for MetadataRequest {
+    const API: ApiKey = ApiKey::Metadata;
+    fn encode(&self, w: &mut Writer) {
+        match &self.topics {
+            None => w.u8(0),
+            Some(t) => {
+                w.u8(1);
+                put_vec(w, t, |w, n| w.string(n));
+            }
+        }
+    }
+    fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
+        let topics = match r.u8("all_topics")? {
+            0 => None,
+            1 => Some(get_vec(r, "topics", 2, |r| r.string("topic"))?),
+            _ => return Err(DecodeError::Invalid("metadata topic selector")),
+        };
+        Ok(Self { topics })
+    }
+}
+
+impl Message for MetadataResponse {
+    const API: ApiKey = ApiKey::Metadata;
+    fn encode(&self, w: &mut Writer) {
+        put_vec(w, &self.brokers, |w, b| {
+            w.u32(b.node_id);
+            w.string(&b.addr);
+        });
+        put_vec(w, &self.topics, |w, t| {
+            w.string(&t.name);
+            t.status.encode(w);
+            put_vec(w, &t.partitions, |w, p| {
+                w.u32(p.partition);
+                w.u32(p.leader);
+                w.u32(p.leader_epoch);
+            });
+        });
+    }
+    fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
+        Ok(Self {
+            brokers: get_vec(r, "brokers", 6, |r| {
+                Ok(BrokerInfo {
+                    node_id: r.u32("node_id")?,
+                    addr: r.string("addr")?,
+                })
+            })?,
+            topics: get_vec(r, "topics", 8, |r| {
+                Ok(TopicMetadata {
+                    name: r.string("name")?,
+                    status: Status::decode(r)?,
+                    partitions: get_vec(r, "partitions", 12, |r| {
+                        Ok(PartitionMetadata {
+                            partition: r.u32("partition")?,
+                            leader: r.u32("leader")?,
+                            leader_epoch: r.u32("leader_epoch")?,
+                        })
+                    })?,
+                })
+            })?,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Topic administration
+
+/// One topic to create.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewTopic {
+    /// Topic name.
+    pub name: String,
+    /// Number of partitions (≥ 1).
+    pub partitions: u32,
+    /// Settings that differ from the server's defaults (see [`config_keys`]).
+    pub configs: Vec<(String, String)>,
+}
+
+/// Creates topics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CreateTopicsRequest {
+    /// Topics to create.
+    pub topics: Vec<NewTopic>,
+}
+
+/// Per-topic outcome of a create or delete.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TopicResult {
+    /// Topic name.
+    pub name: String,
+    /// Outcome.
+    pub status: Status,
+}
+
+/// Outcome per topic.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CreateTopicsResponse {
+    /// One result per requested topic, in request order.
+    pub results: Vec<TopicResult>,
+}
+
+/// Deletes topics and their data.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeleteTopicsRequest {
+    /// Topic names.
+    pub names: Vec<String>,
+}
+
+/// Outcome per topic.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeleteTopicsResponse {
+    /// One result per requested topic, in request order.
+    pub results: Vec<TopicResult>,
+}
+
+fn put_results(w: &mut Writer, results: &[TopicResult]) {
+    put_vec(w, results, |w, t| {
+        w.string(&t.name);
+        t.status.encode(w);
+    });
+}
+
+fn get_results(r: &mut Reader) -> Result<Vec<TopicResult>, DecodeError> {
+    get_vec(r, "results", 6, |r| {
+        Ok(TopicResult {
+            name: r.string("name")?,
+            status: Status::decode(r)?,
+        })
+    })
+}
+
+impl Message for CreateTopicsRequest {
+    const API: ApiKey = ApiKey::CreateTopics;
+    fn encode(&self, w: &mut Writer) {
+        put_vec(w, &self.topics, |w, t| {
+            w.string(&t.name);
+            w.u32(t.partitions);
+            put_configs(w, &t.configs);
+        });
+    }
+    fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
+        Ok(Self {
+            topics: get_vec(r, "topics", 10, |r| {
+                Ok(NewTopic {
+                    name: r.string("name")?,
+                    partitions: r.u32("partitions")?,
+                    configs: get_configs(r)?,
+                })
+            })?,
+        })
+    }
+}
+
+impl Message for CreateTopicsResponse {
+    const API: ApiKey = ApiKey::CreateTopics;
+    fn encode(&self, w: &mut Writer) {
+        put_results(w, &self.results);
+    }
+    fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
+        Ok(Self {
+            results: get_results(r)?,
+        })
+    }
+}
+
+impl Message for DeleteTopicsRequest {
+    const API: ApiKey = ApiKey::DeleteTopics;
+    fn encode(&self, w: &mut Writer) {
+        put_vec(w, &self.names, |w, n| w.string(n));
+    }
+    fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
+        Ok(Self {
+            names: get_vec(r, "names", 2, |r| r.string("name"))?,
+        })
+    }
+}
+
+impl Message for DeleteTopicsResponse {
+    const API: ApiKey = ApiKey::DeleteTopics;
+    fn encode(&self, w: &mut Writer) {
+        put_results(w, &self.results);
+    }
+    fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
+        Ok(Self {
+            results: get_results(r)?,
+        })
+    }
+}
+
+/// Lists topics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ListTopicsRequest;
+
+/// A topic and its partition count.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TopicListing {
+    /// Topic name.
+    pub name: String,
+    /// Number of partitions.
+    pub partitions: u32,
+}
+
+/// Every topic, sorted by name.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ListTopicsResponse {
+    /// Topics.
+    pub topics: Vec<TopicListing>,
+}
+
+impl Message for ListTopicsRequest {
+    const API: ApiKey = ApiKey::ListTopics;
+    fn encode(&self, _w: &mut Writer) {}
+    fn decode(_r: &mut Reader) -> Result<Self, DecodeError> {
+        Ok(Self)
+    }
+}
+
+impl Message for ListTopicsResponse {
+    const API: ApiKey = ApiKey::ListTopics;
+    fn encode(&self, w: &mut Writer) {
+        put_vec(w, &self.topics, |w, t| {
+            w.string(&t.name);
+            w.u32(t.partitions);
+        });
+    }
+    fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
+        Ok(Self {
+            topics: get_vec(r, "topics", 6, |r| {
+                Ok(TopicListing {
+                    name: r.string("name")?,
+                    partitions: r.u32("partitions")?,
+                })
+            })?,
+        })
+    }
+}
+
+/// Describes topics: settings and per-partition offsets.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DescribeTopicsRequest {
+    /// Topic names.
+    pub names: Vec<String>,
+}
+
+/// State of one partition's log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PartitionDescription {
+    /// Partition index.
+    pub partition: u32,
+    /// First offset still stored.
+    pub log_start_offset: u64,
+    /// Offset after the last record consumers may read.
+    pub high_watermark: u64,
+    /// Offset after the last record appended.
+    pub log_end_offset: u64,
+    /// Bytes on disk.
+    pub size_bytes: u64,
+    /// Number of segments.
+    pub segments: u32,
+}
+
+/// One topic's description.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TopicDescription {
+    /// Topic name.
+    pub name: String,
+    /// `unknown_topic_or_partition` when it does not exist.
+    pub status: Status,
+    /// Effective settings, every key of [`config_keys`].
+    pub configs: Vec<(String, String)>,
+    /// Partitions in index order.
+    pub partitions: Vec<PartitionDescription>,
+}
+
+/// Descriptions in request order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DescribeTopicsResponse {
+    /// One per requested topic.
+    pub topics: Vec<TopicDescription>,
+}
+
+impl Message for DescribeTopicsRequest {
+    const API: ApiKey = ApiKey::DescribeTopics;
+    fn encode(&self, w: &mut Writer) {
+        put_vec(w, &self.names, |w, n| w.string(n));
+    }
+    fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
+        Ok(Self {
+            names: get_vec(r, "names", 2, |r| r.string("name"))?,
+        })
+    }
+}
+
+impl Message for DescribeTopicsResponse {
+    const API: ApiKey = ApiKey::DescribeTopics;
+    fn encode(&self, w: &mut Writer) {
+        put_vec(w, &self.topics, |w, t| {
+            w.string(&t.name);
+            t.status.encode(w);
+            put_configs(w, &t.configs);
+            put_vec(w, &t.partitions, |w, p| {
+                w.u32(p.partition);
+                w.u64(p.log_start_offset);
+                w.u64(p.high_watermark);
+                w.u64(p.log_end_offset);
+                w.u64(p.size_bytes);
+                w.u32(p.segments);
+            });
+        });
+    }
+    fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
+        Ok(Self {
+            topics: get_vec(r, "topics", 12, |r| {
+                Ok(TopicDescription {
+                    name: r.string("name")?,
+                    status: Status::decode(r)?,
+                    configs: get_configs(r)?,
+                    partitions: get_vec(r, "partitions", 40, |r| {
+                        Ok(PartitionDescription {
+                            partition: r.u32("partition")?,
+                            log_start_offset: r.u64("log_start_offset")?,
+                            high_watermark: r.u64("high_watermark")?,
+                            log_end_offset: r.u64("log_end_offset")?,
+                            size_bytes: r.u64("size_bytes")?,
+                            segments: r.u32("segments")?,
+                        })
+                    })?,
+                })
+            })?,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Produce
+
+/// How much acknowledgement a producer waits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Acks {
+    /// No response at all: the server reads the request and sends nothing back.
+    None,
+    /// The leader appended the batch (and, for `flush.policy=batch` topics, fsynced it).
+    #[default]
+    Leader,
+    /// Every in-sync replica has it (cluster mode; on a single node the same as `Leader`).
+    All,
+}
+
+impl Acks {
+    /// Wire value.
+    pub fn code(self) -> u8 {
+        match self {
+            Acks::None => 0,
+            Acks::Leader => 1,
+            Acks::All => 2,
+        }
+    }
+    /// From a wire value.
+    pub fn from_code(c: u8) -> Option<Self> {
+        match c {
+            0 => Some(Acks::None),
+            1 => Some(Acks::Leader),
+            2 => Some(Acks::All),
+            _ => None,
+        }
+    }
+}
+
+impl std::str::FromStr for Acks {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "none" | "0" => Ok(Acks::None),
+            "leader" | "1" => Ok(Acks::Leader),
+            "all" | "-1" => Ok(Acks::All),
+            o => Err(format!("unknown acks {o:?}; expected none, leader or all")),
+        }
+    }
+}
+
+/// Batches for one partition: one or more whole record batches back to back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProducePartition {
+    /// Partition index.
+    pub partition: u32,
+    /// Record batches.
+    pub records: Bytes,
+}
+
+/// Batches for one topic.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProduceTopic {
+    /// Topic name.
+    pub name: String,
+    /// Partitions.
+    pub partitions: Vec<ProducePartition>,
+}
+
+/// Appends record batches to one or more partitions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProduceRequest {
+    /// Acknowledgement wanted.
+    pub acks: Acks,
+    /// How long the server may take before answering `request_timed_out`.
+    pub timeout_ms: u32,
+    /// Topics.
+    pub topics: Vec<ProduceTopic>,
+}
+
+/// Outcome for one partition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProducePartitionResponse {
+    /// Partition index.
+    pub partition: u32,
+    /// Outcome; on failure nothing of this partition's batches was appended.
+    pub status: Status,
+    /// Offset given to the first record.
+    pub base_offset: u64,
+}
+
+/// Outcome for one topic.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProduceTopicResponse {
+    /// Topic name.
+    pub name: String,
+    /// Partitions in request order.
+    pub partitions: Vec<ProducePartitionResponse>,
+}
+
+/// Outcomes in request order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProduceResponse {
+    /// Topics.
+    pub topics: Vec<ProduceTopicResponse>,
+}
+
+impl Message for ProduceRequest {
+    const API: ApiKey = ApiKey::Produce;
+    fn encode(&self, w: &mut Writer) {
+        w.u8(self.acks.code());
+        w.u32(self.timeout_ms);
+        put_vec(w, &self.topics, |w, t| {
+            w.string(&t.name);
+            put_vec(w, &t.partitions, |w, p| {
+                w.u32(p.partition);
+                w.bytes(&p.records);
+            });
+        });
+    }
+    fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
+        let acks = Acks::from_code(r.u8("acks")?).ok_or(DecodeError::Invalid("acks"))?;
+        Ok(Self {
+            acks,
+            timeout_ms: r.u32("timeout_ms")?,
+            topics: get_vec(r, "topics", 6, |r| {
+                Ok(ProduceTopic {
+                    name: r.string("name")?,
+                    partitions: get_vec(r, "partitions", 8, |r| {
+                        Ok(ProducePartition {
+                            partition: r.u32("partition")?,
+                            records: r.bytes("records")?,
+                        })
+                    })?,
+                })
+            })?,
+        })
+    }
+}
+
+impl Message for ProduceResponse {
+    const API: ApiKey = ApiKey::Produce;
+    fn encode(&self, w: &mut Writer) {
+        put_vec(w, &self.topics, |w, t| {
+            w.string(&t.name);
+            put_vec(w, &t.partitions, |w, p| {
+                w.u32(p.partition);
+                p.status.encode(w);
+                w.u64(p.base_offset);
+            });
+        });
+    }
+    fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
+        Ok(Self {
+            topics: get_vec(r, "topics", 6, |r| {
+                Ok(ProduceTopicResponse {
+                    name: r.string("name")?,
+                    partitions: get_vec(r, "partitions", 16, |r| {
+                        Ok(ProducePartitionResponse {
+                            partition: r.u32("partition")?,
+                            status: Status::decode(r)?,
+                            base_offset: r.u64("base_offset")?,
+                        })
+                    })?,
+                })
+            })?,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fetch
+
+/// Where to read in one partition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FetchPartition {
+    /// Partition index.
+    pub partition: u32,
+    /// First offset wanted.
+    pub offset: u64,
+    /// Most bytes to return for this partition (at least one whole batch is returned if the
+    /// first batch is larger, so a consumer always makes progress).
+    pub partition_max_bytes: u32,
+}
+
+/// Partitions of one topic to read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FetchTopic {
+    /// Topic name.
+    pub name: String,
+    /// Partitions.
+    pub partitions: Vec<FetchPartition>,
+}
+
+/// Reads record batches; a long poll that waits up to `max_wait_ms` for `min_bytes`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FetchRequest {
+    /// Longest wait for data, ms.
+    pub max_wait_ms: u32,
+    /// Answer as soon as this many bytes are available.
+    pub min_bytes: u32,
+    /// Most bytes in the whole response.
+    pub max_bytes: u32,
+    /// Topics.
+    pub topics: Vec<FetchTopic>,
+}
+
+/// Data of one partition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FetchPartitionResponse {
+    /// Partition index.
+    pub partition: u32,
+    /// Outcome.
+    pub status: Status,
+    /// Offset after the last readable record.
+    pub high_watermark: u64,
+    /// First offset still stored.
+    pub log_start_offset: u64,
+    /// Whole record batches, as stored. The first batch may start before the requested offset
+    /// (batches are never split); consumers skip records below it.
+    pub records: Bytes,
+}
+
+/// Data of one topic.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FetchTopicResponse {
+    /// Topic name.
+    pub name: String,
+    /// Partitions in request order.
+    pub partitions: Vec<FetchPartitionResponse>,
+}
+
+/// Data in request order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FetchResponse {
+    /// Topics.
+    pub topics: Vec<FetchTopicResponse>,
+}
+
+impl Message for FetchRequest {
+    const API: ApiKey = ApiKey::Fetch;
+    fn encode(&self, w: &mut Writer) {
+        w.u32(self.max_wait_ms);
+        w.u32(self.min_bytes);
+        w.u32(self.max_bytes);
+        put_vec(w, &self.topics, |w, t| {
+            w.string(&t.name);
+            put_vec(w, &t.partitions, |w, p| {
+                w.u32(p.partition);
+                w.u64(p.offset);
+                w.u32(p.partition_max_bytes);
+            });
+        });
+    }
+    fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
+        Ok(Self {
+            max_wait_ms: r.u32("max_wait_ms")?,
+            min_bytes: r.u32("min_bytes")?,
+            max_bytes: r.u32("max_bytes")?,
+            topics: get_vec(r, "topics", 6, |r| {
+                Ok(FetchTopic {
+                    name: r.string("name")?,
+                    partitions: get_vec(r, "partitions", 16, |r| {
+                        Ok(FetchPartition {
+                            partition: r.u32("partition")?,
+                            offset: r.u64("offset")?,
+                            partition_max_bytes: r.u32("partition_max_bytes")?,
+                        })
+                    })?,
+                })
+            })?,
+        })
+    }
+}
+
+impl FetchResponse {
+    /// Encodes the response as a list of chunks so the record bytes are sent without copying:
+    /// small encoded pieces interleaved with the stored batches.
+    pub fn encode_chunks(&self) -> Vec<Bytes> {
+        let mut chunks = Vec::new();
+        let mut w = Writer::new();
+        w.count(self.topics.len());
+        for t in &self.topics {
+            w.string(&t.name);
+            w.count(t.partitions.len());
+            for p in &t.partitions {
+                w.u32(p.partition);
+                p.status.encode(&mut w);
+                w.u64(p.high_watermark);
+                w.u64(p.log_start_offset);
+                w.count(p.records.len());
+                if !p.records.is_empty() {
+                    chunks.push(std::mem::take(&mut w).into_bytes().freeze());
+                    chunks.push(p.records.clone());
+                }
+            }
+        }
+        if !w.is_empty() {
+            chunks.push(w.into_bytes().freeze());
+        }
+        chunks
+    }
+}
+
+impl Message for FetchResponse {
+    const API: ApiKey = ApiKey::Fetch;
+    fn encode(&self, w: &mut Writer) {
+        for c in self.encode_chunks() {
+            w.buffer_mut().extend_from_slice(&c);
+        }
+    }
+    fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
+        Ok(Self {
+            topics: get_vec(r, "topics", 6, |r| {
+                Ok(FetchTopicResponse {
+                    name: r.string("name")?,
+                    partitions: get_vec(r, "partitions", 26, |r| {
+                        Ok(FetchPartitionResponse {
+                            partition: r.u32("partition")?,
+                            status: Status::decode(r)?,
+                            high_watermark: r.u64("high_watermark")?,
+                            log_start_offset: r.u64("log_start_offset")?,
+                            records: r.bytes("records")?,
+                        })
+                    })?,
+                })
+            })?,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// ListOffsets
+
+/// `timestamp` value asking for the earliest stored offset.
+pub const EARLIEST_TIMESTAMP: i64 = -2;
+/// `timestamp` value asking for the log end offset.
+pub const LATEST_TIMESTAMP: i64 = -1;
+
+/// One partition to look up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListOffsetsPartition {
+    /// Partition index.
+    pub partition: u32,
+    /// [`EARLIEST_TIMESTAMP`], [`LATEST_TIMESTAMP`], or a time in ms: the first offset whose
+    /// record timestamp is at or after it.
+    pub timestamp: i64,
+}
+
+/// Partitions of one topic to look up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListOffsetsTopic {
+    /// Topic name.
+    pub name: String,
+    /// Partitions.
+    pub partitions: Vec<ListOffsetsPartition>,
+}
+
+/// Looks up offsets.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ListOffsetsRequest {
+    /// Topics.
+    pub topics: Vec<ListOffsetsTopic>,
+}
+
+/// One partition's answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListOffsetsPartitionResponse {
+    /// Partition index.
+    pub partition: u32,
+    /// Outcome.
+    pub status: Status,
+    /// The offset, or −1 when no record has a timestamp at or after the one asked for.
+    pub offset: i64,
+    /// Timestamp of the record found (−1 for earliest/latest or none).
+    pub timestamp: i64,
+}
+
+/// One topic's answers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListOffsetsTopicResponse {
+    /// Topic name.
+    pub name: String,
+    /// Partitions in request order.
+    pub partitions: Vec<ListOffsetsPartitionResponse>,
+}
+
+/// Answers in request order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ListOffsetsResponse {
+    /// Topics.
+    pub topics: Vec<ListOffsetsTopicResponse>,
+}
+
+impl Message for ListOffsetsRequest {
+    const API: ApiKey = ApiKey::ListOffsets;
+    fn encode(&self, w: &mut Writer) {
+        put_vec(w, &self.topics, |w, t| {
+            w.string(&t.name);
+            put_vec(w, &t.partitions, |w, p| {
+                w.u32(p.partition);
+                w.i64(p.timestamp);
+            });
+        });
+    }
+    fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
+        Ok(Self {
+            topics: get_vec(r, "topics", 6, |r| {
+                Ok(ListOffsetsTopic {
+                    name: r.string("name")?,
+                    partitions: get_vec(r, "partitions", 12, |r| {
+                        Ok(ListOffsetsPartition {
+                            partition: r.u32("partition")?,
+                            timestamp: r.i64("timestamp")?,
+                        })
+                    })?,
+                })
+            })?,
+        })
+    }
+}
+
+impl Message for ListOffsetsResponse {
+    const API: ApiKey = ApiKey::ListOffsets;
+    fn encode(&self, w: &mut Writer) {
+        put_vec(w, &self.topics, |w, t| {
+            w.string(&t.name);
+            put_vec(w, &t.partitions, |w, p| {
+                w.u32(p.partition);
+                p.status.encode(w);
+                w.i64(p.offset);
+                w.i64(p.timestamp);
+            });
+        });
+    }
+    fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
+        Ok(Self {
+            topics: get_vec(r, "topics", 6, |r| {
+                Ok(ListOffsetsTopicResponse {
+                    name: r.string("name")?,
+                    partitions: get_vec(r, "partitions", 24, |r| {
+                        Ok(ListOffsetsPartitionResponse {
+                            partition: r.u32("partition")?,
+                            status: Status::decode(r)?,
+                            offset: r.i64("offset")?,
+                            timestamp: r.i64("timestamp")?,
+                        })
+                    })?,
+                })
+            })?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn roundtrip<M: Message + PartialEq + std::fmt::Debug>(m: M) {
+        let bytes = m.to_bytes();
+        let back = M::from_bytes(bytes.clone()).unwrap();
+        assert_eq!(back, m);
+        // Every strict prefix fails cleanly.
+        for cut in 0..bytes.len() {
+            let _ = M::from_bytes(bytes.slice(..cut));
+        }
+    }
+
+    #[test]
+    fn all_messages_roundtrip() {
+        roundtrip(ApiVersionsResponse {
+            apis: vec![ApiVersionRange {
+                api: 10,
+                version_min: 1,
+                version_max: 1,
+            }],
+        });
+        roundtrip(MetadataRequest { topics: None });
+        roundtrip(MetadataRequest {
+            topics: Some(vec!["a".into()]),
+        });
+        roundtrip(MetadataResponse {
+            brokers: vec![BrokerInfo {
+                node_id: 1,
+                addr: "127.0.0.1:7400".into(),
+            }],
+            topics: vec![TopicMetadata {
+                name: "t".into(),
+                status: Status::ok(),
+                partitions: vec![PartitionMetadata {
+                    partition: 0,
+                    leader: 1,
+                    leader_epoch: 0,
+                }],
+            }],
+        });
+        roundtrip(CreateTopicsRequest {
+            topics: vec![NewTopic {
+                name: "t".into(),
+                partitions: 3,
+                configs: vec![("retention.ms".into(), "1000".into())],
+            }],
+        });
+        roundtrip(CreateTopicsResponse {
+            results: vec![TopicResult {
+                name: "t".into(),
+                status: Status::err(ErrorCode::TopicAlreadyExists, "exists"),
+            }],
+        });
+        roundtrip(DeleteTopicsRequest {
+            names: vec!["x".into()],
+        });
+        roundtrip(ListTopicsResponse {
+            topics: vec![TopicListing {
+                name: "t".into(),
+                partitions: 2,
+            }],
+        });
+        roundtrip(DescribeTopicsResponse {
+            topics: vec![TopicDescription {
+                name: "t".into(),
+                status: Status::ok(),
+                configs: vec![("a".into(), "b".into())],
+                partitions: vec![PartitionDescription {
+                    partition: 0,
+                    log_start_offset: 1,
+                    high_watermark: 2,
+                    log_end_offset: 3,
+                    size_bytes: 4,
+                    segments: 5,
+                }],
+            }],
+        });
+        roundtrip(ProduceRequest {
+            acks: Acks::Leader,
+            timeout_ms: 30_000,
+            topics: vec![ProduceTopic {
+                name: "t".into(),
+                partitions: vec![ProducePartition {
+                    partition: 1,
+                    records: Bytes::from_static(b"batch"),
+                }],
+            }],
+        });
+        roundtrip(ProduceResponse {
+            topics: vec![ProduceTopicResponse {
+                name: "t".into(),
+                partitions: vec![ProducePartitionResponse {
+                    partition: 1,
+                    status: Status::ok(),
+                    base_offset: 77,
+                }],
+            }],
+        });
+        roundtrip(FetchRequest {
+            max_wait_ms: 500,
+            min_bytes: 1,
+            max_bytes: 1 << 20,
+            topics: vec![FetchTopic {
+                name: "t".into(),
+                partitions: vec![FetchPartition {
+                    partition: 0,
+                    offset: 5,
+                    partition_max_bytes: 1 << 20,
+                }],
+            }],
+        });
+        roundtrip(FetchResponse {
+            topics: vec![FetchTopicResponse {
+                name: "t".into(),
+                partitions: vec![
+                    FetchPartitionResponse {
+                        partition: 0,
+                        status: Status::ok(),
+                        high_watermark: 10,
+                        log_start_offset: 0,
+                        records: Bytes::from_static(b"xyz"),
+                    },
+                    FetchPartitionResponse {
+                        partition: 1,
+                        status: Status::err(ErrorCode::OffsetOutOfRange, "nope"),
+                        high_watermark: 0,
+                        log_start_offset: 0,
+                        records: Bytes::new(),
+                    },
+                ],
+            }],
+        });
+        roundtrip(ListOffsetsRequest {
+            topics: vec![ListOffsetsTopic {
+                name: "t".into(),
+                partitions: vec![ListOffsetsPartition {
+                    partition: 0,
+                    timestamp: EARLIEST_TIMESTAMP,
+                }],
+            }],
+        });
+        roundtrip(ListOffsetsResponse {
+            topics: vec![ListOffsetsTopicResponse {
+                name: "t".into(),
+                partitions: vec![ListOffsetsPartitionResponse {
+                    partition: 0,
+                    status: Status::ok(),
+                    offset: 3,
+                    timestamp: -1,
+                }],
+            }],
+        });
+    }
+}
