@@ -953,6 +953,7 @@ mod tests {
         assert!(matches!(results[1], Err(BatchError::Truncated { .. })));
     }
 
+    #[allow(clippy::type_complexity)]
     fn arb_record() -> impl Strategy<
         Value = (
             Option<Vec<u8>>,

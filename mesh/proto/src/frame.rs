@@ -42,6 +42,8 @@ pub enum ApiKey {
     Fetch,
     /// Earliest, latest or by-timestamp offsets.
     ListOffsets,
+    /// Raw stream throughput probe for `quiver perf transport` (not a data API).
+    TransportProbe,
 }
 
 impl ApiKey {
@@ -56,6 +58,7 @@ impl ApiKey {
         ApiKey::Produce,
         ApiKey::Fetch,
         ApiKey::ListOffsets,
+        ApiKey::TransportProbe,
     ];
 
     /// The wire value.
@@ -70,6 +73,7 @@ impl ApiKey {
             ApiKey::Produce => 10,
             ApiKey::Fetch => 11,
             ApiKey::ListOffsets => 12,
+            ApiKey::TransportProbe => 90,
         }
     }
 
@@ -183,6 +187,20 @@ impl RequestHeader {
                 request_id: id,
             },
             body,
+        ))
+    }
+
+    /// Splits the bytes that followed an already-checked length prefix into header and body.
+    pub fn decode_after_prefix(rest: Bytes) -> Result<(Self, Bytes), DecodeOrFrameError> {
+        let mut r = Reader::new(rest.clone());
+        let header = Self {
+            api: r.u16("api")?,
+            version: r.u16("version")?,
+            request_id: r.u64("request_id")?,
+        };
+        Ok((
+            header,
+            rest.slice(FRAME_HEADER_BYTES - FRAME_LENGTH_BYTES..),
         ))
     }
 }

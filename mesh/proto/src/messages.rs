@@ -1026,6 +1026,70 @@ impl Message for ListOffsetsResponse {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// TransportProbe
+
+/// Direction of a transport probe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProbeDirection {
+    /// The client streams raw bytes after the request frame until it finishes the stream; the
+    /// server discards them and answers with the count.
+    Upload,
+    /// The server answers with a response frame, then streams `bytes` raw bytes and finishes.
+    Download,
+}
+
+/// Measures the raw stream throughput between a client and this server, over the same
+/// connection settings as every other request (`quiver perf transport`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TransportProbeRequest {
+    /// Which way the bytes flow.
+    pub direction: ProbeDirection,
+    /// For downloads, how many bytes the server sends (bounded by the server).
+    pub bytes: u64,
+}
+
+/// Bytes the server received (upload) or will send (download).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TransportProbeResponse {
+    /// Byte count.
+    pub bytes: u64,
+}
+
+impl Message for TransportProbeRequest {
+    const API: ApiKey = ApiKey::TransportProbe;
+    fn encode(&self, w: &mut Writer) {
+        w.u8(match self.direction {
+            ProbeDirection::Upload => 0,
+            ProbeDirection::Download => 1,
+        });
+        w.u64(self.bytes);
+    }
+    fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
+        let direction = match r.u8("direction")? {
+            0 => ProbeDirection::Upload,
+            1 => ProbeDirection::Download,
+            _ => return Err(DecodeError::Invalid("probe direction")),
+        };
+        Ok(Self {
+            direction,
+            bytes: r.u64("bytes")?,
+        })
+    }
+}
+
+impl Message for TransportProbeResponse {
+    const API: ApiKey = ApiKey::TransportProbe;
+    fn encode(&self, w: &mut Writer) {
+        w.u64(self.bytes);
+    }
+    fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
+        Ok(Self {
+            bytes: r.u64("bytes")?,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1042,6 +1106,11 @@ mod tests {
 
     #[test]
     fn all_messages_roundtrip() {
+        roundtrip(TransportProbeRequest {
+            direction: ProbeDirection::Download,
+            bytes: 1 << 30,
+        });
+        roundtrip(TransportProbeResponse { bytes: 5 });
         roundtrip(ApiVersionsResponse {
             apis: vec![ApiVersionRange {
                 api: 10,

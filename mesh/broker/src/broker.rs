@@ -1,0 +1,251 @@
+//! The node's data plane state: the topic table and the operations on it. Knows nothing about
+//! QUIC: `handlers` decode requests and call in here.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use quiver_proto::{ErrorCode, PartitionId, TopicName};
+
+use crate::catalog::{Catalog, CatalogError};
+use crate::partition::{Partition, PartitionError};
+use crate::topic_config::{PARTITIONS_MAX, TopicConfig};
+
+/// A topic hosted by this node.
+#[derive(Debug)]
+pub struct Topic {
+    /// Effective settings.
+    pub config: TopicConfig,
+    /// Partitions in index order.
+    pub partitions: Vec<Arc<Partition>>,
+}
+
+/// An admin operation failed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct AdminError {
+    /// Protocol code.
+    pub code: ErrorCode,
+    /// Details.
+    pub message: String,
+}
+
+impl AdminError {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<CatalogError> for AdminError {
+    fn from(e: CatalogError) -> Self {
+        Self::new(ErrorCode::StorageError, e.to_string())
+    }
+}
+
+impl From<PartitionError> for AdminError {
+    fn from(e: PartitionError) -> Self {
+        Self::new(e.code, e.message)
+    }
+}
+
+/// Topics and partitions of one node.
+#[derive(Debug)]
+pub struct Broker {
+    node_id: u32,
+    logs_dir: PathBuf,
+    catalog: Catalog,
+    topics: DashMap<TopicName, Arc<Topic>>,
+    topic_defaults: Vec<(String, String)>,
+    /// Serialises create/delete so a name is never half created.
+    admin: tokio::sync::Mutex<()>,
+}
+
+impl Broker {
+    /// Opens the catalog and every partition under `data_dir`, removing partition directories
+    /// of topics the catalog does not know (left by an interrupted delete).
+    pub async fn open(
+        node_id: u32,
+        data_dir: &Path,
+        topic_defaults: &BTreeMap<String, String>,
+    ) -> anyhow::Result<Self> {
+        let logs_dir = data_dir.join("topics");
+        std::fs::create_dir_all(&logs_dir)?;
+        let catalog = Catalog::open(&data_dir.join("catalog"))?;
+        let topic_defaults: Vec<(String, String)> = topic_defaults
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        // Check the defaults once so a bad config file fails at start, not at first create.
+        TopicConfig::defaults(1)
+            .apply(&topic_defaults)
+            .map_err(|e| anyhow::anyhow!("topic_defaults: {e}"))?;
+        let broker = Self {
+            node_id,
+            logs_dir,
+            catalog,
+            topics: DashMap::new(),
+            topic_defaults,
+            admin: tokio::sync::Mutex::new(()),
+        };
+        let known = broker.catalog.topics()?;
+        for (name, config) in &known {
+            let topic = broker.open_topic(name, config).await?;
+            broker.topics.insert(name.clone(), topic);
+        }
+        broker.remove_orphans(&known)?;
+        Ok(broker)
+    }
+
+    fn partition_dir(&self, topic: &TopicName, p: u32) -> PathBuf {
+        self.logs_dir.join(format!("{topic}-{p}"))
+    }
+
+    fn remove_orphans(&self, known: &[(TopicName, TopicConfig)]) -> anyhow::Result<()> {
+        let keep: std::collections::HashSet<PathBuf> = known
+            .iter()
+            .flat_map(|(n, c)| (0..c.partitions).map(move |p| self.partition_dir(n, p)))
+            .collect();
+        for entry in std::fs::read_dir(&self.logs_dir)? {
+            let path = entry?.path();
+            if !keep.contains(&path) {
+                tracing::warn!(path = %path.display(), "removing partition directory of an unknown topic");
+                std::fs::remove_dir_all(&path)?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn open_topic(
+        &self,
+        name: &TopicName,
+        config: &TopicConfig,
+    ) -> Result<Arc<Topic>, PartitionError> {
+        let mut partitions = Vec::with_capacity(config.partitions as usize);
+        for p in 0..config.partitions {
+            let dir = self.partition_dir(name, p);
+            partitions.push(Partition::open(name.clone(), PartitionId(p), dir, config).await?);
+        }
+        Ok(Arc::new(Topic {
+            config: config.clone(),
+            partitions,
+        }))
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> u32 {
+        self.node_id
+    }
+
+    /// A topic by name.
+    pub fn topic(&self, name: &str) -> Option<Arc<Topic>> {
+        let name = TopicName::new(name).ok()?;
+        self.topics.get(&name).map(|t| t.clone())
+    }
+
+    /// A partition by topic name and index, or the error to report.
+    pub fn partition(&self, topic: &str, partition: u32) -> Result<Arc<Partition>, PartitionError> {
+        self.topic(topic)
+            .and_then(|t| t.partitions.get(partition as usize).cloned())
+            .ok_or_else(|| PartitionError {
+                code: ErrorCode::UnknownTopicOrPartition,
+                message: format!("unknown topic or partition {topic}/{partition}"),
+            })
+    }
+
+    /// All topics, sorted by name.
+    pub fn topics(&self) -> Vec<(TopicName, Arc<Topic>)> {
+        let mut v: Vec<_> = self
+            .topics
+            .iter()
+            .map(|e| (e.key().clone(), e.value().clone()))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// Creates a topic with `partitions` partitions and settings on top of the node defaults.
+    pub async fn create_topic(
+        &self,
+        name: &str,
+        partitions: u32,
+        configs: &[(String, String)],
+    ) -> Result<(), AdminError> {
+        let name = TopicName::new(name)
+            .map_err(|e| AdminError::new(ErrorCode::InvalidTopic, e.to_string()))?;
+        if partitions == 0 || partitions > PARTITIONS_MAX {
+            return Err(AdminError::new(
+                ErrorCode::InvalidPartitions,
+                format!("partitions must be 1..={PARTITIONS_MAX}, got {partitions}"),
+            ));
+        }
+        let mut config = TopicConfig::defaults(partitions);
+        config
+            .apply(&self.topic_defaults)
+            .and_then(|_| config.apply(configs))
+            .map_err(|e| AdminError::new(ErrorCode::InvalidConfig, e))?;
+        let _guard = self.admin.lock().await;
+        if self.topics.contains_key(&name) || !self.catalog.insert(&name, &config)? {
+            return Err(AdminError::new(
+                ErrorCode::TopicAlreadyExists,
+                format!("topic {name} already exists"),
+            ));
+        }
+        match self.open_topic(&name, &config).await {
+            Ok(topic) => {
+                self.topics.insert(name.clone(), topic);
+                tracing::info!(topic = %name, partitions, "topic created");
+                Ok(())
+            }
+            Err(e) => {
+                // Roll back so the name is usable again.
+                let _ = self.catalog.remove(&name);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Deletes a topic and its data.
+    pub async fn delete_topic(&self, name: &str) -> Result<(), AdminError> {
+        let unknown = || {
+            AdminError::new(
+                ErrorCode::UnknownTopicOrPartition,
+                format!("unknown topic {name}"),
+            )
+        };
+        let name = TopicName::new(name).map_err(|_| unknown())?;
+        let _guard = self.admin.lock().await;
+        let Some((_, topic)) = self.topics.remove(&name) else {
+            return Err(unknown());
+        };
+        self.catalog.remove(&name)?;
+        for p in &topic.partitions {
+            p.clone().delete().await?;
+        }
+        tracing::info!(topic = %name, "topic deleted");
+        Ok(())
+    }
+
+    /// Runs retention on every partition. Blocking: call from a blocking thread.
+    pub fn enforce_retention_blocking(&self) {
+        for (_, topic) in self.topics() {
+            for p in &topic.partitions {
+                if let Err(e) = p.enforce_retention_blocking() {
+                    tracing::warn!(topic = %p.topic(), partition = p.id().0, error = %e, "retention failed");
+                }
+            }
+        }
+    }
+
+    /// Stops every partition's appender after flushing.
+    pub async fn close(&self) {
+        for (_, topic) in self.topics() {
+            for p in &topic.partitions {
+                p.close().await;
+            }
+        }
+    }
+}

@@ -1,0 +1,404 @@
+//! `quiver topic`, `quiver produce`, `quiver consume`.
+
+use std::io::{BufRead, Write};
+use std::process::ExitCode;
+
+use bytes::Bytes;
+use clap::{Args, Subcommand, ValueEnum};
+use quiver_client::{
+    Acks, Compression, Consumer, ConsumerConfig, ConsumerRecord, Producer, ProducerConfig,
+    ProducerRecord, SeekTo,
+};
+use quiver_proto::messages::config_keys as keys;
+
+use super::ConnectArgs;
+
+/// Topic administration.
+#[derive(Debug, Subcommand)]
+pub enum TopicCommand {
+    /// Create a topic.
+    Create(CreateArgs),
+    /// List topics.
+    List(ListArgs),
+    /// Show a topic's settings and partition offsets.
+    Describe(NameArgs),
+    /// Delete a topic and its data.
+    Delete(NameArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    connect: ConnectArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct NameArgs {
+    /// Topic name.
+    name: String,
+    #[command(flatten)]
+    connect: ConnectArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// Topic name: letters, digits, '.', '_' and '-'.
+    name: String,
+    /// Number of partitions.
+    #[arg(long, short = 'p', default_value_t = 1)]
+    partitions: u32,
+    /// Delete segments older than this (ms; -1 keeps forever).
+    #[arg(long, allow_hyphen_values = true)]
+    retention_ms: Option<i64>,
+    /// Delete oldest segments while the partition is larger than this (bytes; -1 unlimited).
+    #[arg(long, allow_hyphen_values = true)]
+    retention_bytes: Option<i64>,
+    /// Roll segments at this size (bytes).
+    #[arg(long)]
+    segment_bytes: Option<u64>,
+    /// Roll segments at this age (ms).
+    #[arg(long)]
+    segment_ms: Option<i64>,
+    /// fsync before acknowledging each produce (batch) or on an interval.
+    #[arg(long, value_enum)]
+    flush: Option<FlushArg>,
+    /// With --flush interval: fsync at least this often (ms).
+    #[arg(long)]
+    flush_interval_ms: Option<u64>,
+    /// Largest record accepted (bytes).
+    #[arg(long)]
+    max_record_bytes: Option<u64>,
+    /// Any topic setting as KEY=VALUE (repeatable).
+    #[arg(long = "config", value_parser = parse_kv)]
+    configs: Vec<(String, String)>,
+    #[command(flatten)]
+    connect: ConnectArgs,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum FlushArg {
+    Batch,
+    Interval,
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
+}
+
+/// `quiver produce`.
+#[derive(Debug, Args)]
+pub struct ProduceArgs {
+    /// Topic to write to.
+    topic: String,
+    /// Split each line at the first SEP into key and value (lines without SEP have no key).
+    #[arg(long)]
+    key_separator: Option<String>,
+    /// Header on every record, NAME=VALUE (repeatable).
+    #[arg(long = "header", value_parser = parse_kv)]
+    headers: Vec<(String, String)>,
+    /// Write every record to this partition.
+    #[arg(long)]
+    partition: Option<u32>,
+    /// Acknowledgement to wait for: none, leader or all.
+    #[arg(long, default_value = "leader")]
+    acks: Acks,
+    /// Batch compression: none, lz4 or zstd.
+    #[arg(long, default_value = "none")]
+    compression: Compression,
+    /// Batch linger (ms).
+    #[arg(long, default_value_t = 5)]
+    linger_ms: u64,
+    #[command(flatten)]
+    connect: ConnectArgs,
+}
+
+/// `quiver consume`.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("start").args(["from_beginning", "offset", "from_time"])))]
+pub struct ConsumeArgs {
+    /// Topic to read.
+    topic: String,
+    /// Start at the earliest stored record (default: the end, only new records).
+    #[arg(long)]
+    from_beginning: bool,
+    /// Start at this offset (needs --partition when the topic has several).
+    #[arg(long)]
+    offset: Option<u64>,
+    /// Start at the first record at or after this time (RFC 3339, e.g. 2026-11-25T10:00:00Z).
+    #[arg(long, value_parser = parse_rfc3339)]
+    from_time: Option<i64>,
+    /// Read only this partition.
+    #[arg(long)]
+    partition: Option<u32>,
+    /// Stop after this many records.
+    #[arg(long)]
+    max_records: Option<u64>,
+    /// Keep waiting for new records instead of stopping at the end.
+    #[arg(long)]
+    follow: bool,
+    /// Output: the value per line (raw), or one JSON object per record.
+    #[arg(long, value_enum, default_value = "raw")]
+    format: Format,
+    #[command(flatten)]
+    connect: ConnectArgs,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Format {
+    Raw,
+    Json,
+}
+
+fn parse_rfc3339(s: &str) -> Result<i64, String> {
+    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .map_err(|e| format!("{s:?} is not an RFC 3339 time: {e}"))?;
+    Ok((t.unix_timestamp_nanos() / 1_000_000) as i64)
+}
+
+pub async fn topic(cmd: TopicCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        TopicCommand::Create(a) => {
+            let mut configs = Vec::new();
+            let mut put = |k: &str, v: Option<String>| {
+                if let Some(v) = v {
+                    configs.push((k.to_string(), v));
+                }
+            };
+            put(keys::RETENTION_MS, a.retention_ms.map(|v| v.to_string()));
+            put(
+                keys::RETENTION_BYTES,
+                a.retention_bytes.map(|v| v.to_string()),
+            );
+            put(keys::SEGMENT_BYTES, a.segment_bytes.map(|v| v.to_string()));
+            put(keys::SEGMENT_MS, a.segment_ms.map(|v| v.to_string()));
+            put(
+                keys::FLUSH_POLICY,
+                a.flush.map(|f| match f {
+                    FlushArg::Batch => "batch".to_string(),
+                    FlushArg::Interval => "interval".to_string(),
+                }),
+            );
+            put(
+                keys::FLUSH_INTERVAL_MS,
+                a.flush_interval_ms.map(|v| v.to_string()),
+            );
+            put(
+                keys::MAX_RECORD_BYTES,
+                a.max_record_bytes.map(|v| v.to_string()),
+            );
+            configs.extend(a.configs);
+            let client = a.connect.connect().await?;
+            client.create_topic(&a.name, a.partitions, &configs).await?;
+            println!(
+                "created topic {} with {} partition(s)",
+                a.name, a.partitions
+            );
+        }
+        TopicCommand::List(a) => {
+            let client = a.connect.connect().await?;
+            for t in client.list_topics().await? {
+                println!("{}\t{} partition(s)", t.name, t.partitions);
+            }
+        }
+        TopicCommand::Describe(a) => {
+            let client = a.connect.connect().await?;
+            let t = client.describe_topic(&a.name).await?;
+            println!("topic {}", t.name);
+            for (k, v) in &t.configs {
+                println!("  {k} = {v}");
+            }
+            println!("  partition\tstart\thigh-watermark\tend\tbytes\tsegments");
+            for p in &t.partitions {
+                println!(
+                    "  {}\t{}\t{}\t{}\t{}\t{}",
+                    p.partition,
+                    p.log_start_offset,
+                    p.high_watermark,
+                    p.log_end_offset,
+                    p.size_bytes,
+                    p.segments
+                );
+            }
+        }
+        TopicCommand::Delete(a) => {
+            let client = a.connect.connect().await?;
+            client.delete_topic(&a.name).await?;
+            println!("deleted topic {}", a.name);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn produce(a: ProduceArgs) -> anyhow::Result<ExitCode> {
+    let client = a.connect.connect().await?;
+    // Fail fast on an unknown topic, before reading any input.
+    client.partition_count(&a.topic).await?;
+    let producer = Producer::new(
+        client,
+        ProducerConfig {
+            acks: a.acks,
+            compression: a.compression,
+            linger_ms: a.linger_ms,
+            ..ProducerConfig::default()
+        },
+    );
+    let headers: Vec<(String, Option<Bytes>)> = a
+        .headers
+        .iter()
+        .map(|(k, v)| (k.clone(), Some(Bytes::from(v.clone()))))
+        .collect();
+    // Deliveries are awaited by a separate task so reading stdin never waits on the network
+    // more than the producer's buffer bound requires.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<quiver_client::DeliveryFuture>(65_536);
+    let waiter = tokio::spawn(async move {
+        let (mut ok, mut failed) = (0u64, 0u64);
+        while let Some(d) = rx.recv().await {
+            match d.await {
+                Ok(_) => ok += 1,
+                Err(e) => {
+                    failed += 1;
+                    if failed <= 10 {
+                        eprintln!("error: record not stored: {e}");
+                    }
+                }
+            }
+        }
+        (ok, failed)
+    });
+    let (line_tx, mut line_rx) = tokio::sync::mpsc::channel::<std::io::Result<String>>(1024);
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            if line_tx.blocking_send(line).is_err() {
+                break;
+            }
+        }
+    });
+    while let Some(line) = line_rx.recv().await {
+        let line = line?;
+        let (key, value) = match &a.key_separator {
+            Some(sep) => match line.split_once(sep.as_str()) {
+                Some((k, v)) => (Some(Bytes::from(k.to_string())), v.to_string()),
+                None => (None, line),
+            },
+            None => (None, line),
+        };
+        let record = ProducerRecord {
+            topic: a.topic.clone(),
+            partition: a.partition,
+            key,
+            value: Some(Bytes::from(value)),
+            headers: headers.clone(),
+            timestamp_ms: None,
+        };
+        let delivery = producer.send(record).await?;
+        if tx.send(delivery).await.is_err() {
+            break;
+        }
+    }
+    drop(tx);
+    producer.close().await?;
+    let (ok, failed) = waiter.await?;
+    eprintln!("produced {ok} record(s) to {}", a.topic);
+    if failed > 0 {
+        eprintln!("error: {failed} record(s) failed");
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn lossy(b: &Option<Bytes>) -> serde_json::Value {
+    match b {
+        None => serde_json::Value::Null,
+        Some(b) => serde_json::Value::String(String::from_utf8_lossy(b).into_owned()),
+    }
+}
+
+fn print_record(out: &mut impl Write, r: &ConsumerRecord, format: Format) -> std::io::Result<()> {
+    match format {
+        Format::Raw => {
+            if let Some(v) = &r.value {
+                out.write_all(v)?;
+            }
+            out.write_all(b"\n")
+        }
+        Format::Json => {
+            let headers: serde_json::Map<String, serde_json::Value> = r
+                .headers
+                .iter()
+                .map(|(k, v)| (k.clone(), lossy(v)))
+                .collect();
+            let obj = serde_json::json!({
+                "topic": &*r.topic,
+                "partition": r.partition,
+                "offset": r.offset,
+                "timestamp": r.timestamp,
+                "key": lossy(&r.key),
+                "value": lossy(&r.value),
+                "headers": headers,
+            });
+            writeln!(out, "{obj}")
+        }
+    }
+}
+
+pub async fn consume(a: ConsumeArgs) -> anyhow::Result<ExitCode> {
+    let client = a.connect.connect().await?;
+    let count = client.partition_count(&a.topic).await?;
+    if a.offset.is_some() && a.partition.is_none() && count > 1 {
+        anyhow::bail!(
+            "--offset needs --partition: topic {} has {count} partitions",
+            a.topic
+        );
+    }
+    let mut consumer = Consumer::new(
+        client.clone(),
+        &a.topic,
+        a.partition.map(|p| vec![p]),
+        ConsumerConfig::default(),
+    )
+    .await?;
+    let start = match (a.from_beginning, a.offset, a.from_time) {
+        (true, _, _) => SeekTo::Earliest,
+        (_, Some(o), _) => SeekTo::Offset(o),
+        (_, _, Some(t)) => SeekTo::Timestamp(t),
+        _ => SeekTo::Latest,
+    };
+    consumer.seek_all(start).await?;
+    // Without --follow, stop at the end of the log as it is now.
+    let mut ends = std::collections::BTreeMap::new();
+    for p in consumer.assignment() {
+        let end = client
+            .list_offset(&a.topic, p, quiver_proto::messages::LATEST_TIMESTAMP)
+            .await?
+            .unwrap_or(0);
+        ends.insert(p, end);
+    }
+    let stdout = std::io::stdout();
+    let mut printed = 0u64;
+    loop {
+        if !a.follow
+            && ends
+                .iter()
+                .all(|(p, end)| consumer.position(*p).is_some_and(|pos| pos >= *end))
+        {
+            break;
+        }
+        let records = consumer.poll().await?;
+        let mut out = stdout.lock();
+        for r in &records {
+            if !a.follow && ends.get(&r.partition).is_some_and(|end| r.offset >= *end) {
+                continue;
+            }
+            print_record(&mut out, r, a.format)?;
+            printed += 1;
+            if a.max_records.is_some_and(|m| printed >= m) {
+                out.flush()?;
+                return Ok(ExitCode::SUCCESS);
+            }
+        }
+        out.flush()?;
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,143 @@
+//! Node configuration: a TOML file (`quiver serve --config FILE`) with command-line overrides.
+//! Every field has a default, so an empty file (or none) is a working single node.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use quiver_transport::TransportSettings;
+use serde::Deserialize;
+
+/// Settings of one node.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// Node id (1 for a single node).
+    pub node_id: u32,
+    /// Where logs, the catalog and generated certificates live.
+    pub data_dir: PathBuf,
+    /// UDP address to listen on.
+    pub listen: SocketAddr,
+    /// Address given to clients in metadata; defaults to `listen`.
+    pub advertised_addr: Option<String>,
+    /// PEM certificate chain; with `tls_key`. When absent a development CA and certificate are
+    /// generated in the data directory.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// Extra DNS names or IPs for the generated development certificate.
+    pub tls_dev_names: Vec<String>,
+    /// Largest request frame accepted, bytes.
+    pub request_bytes_max: usize,
+    /// Longest time a client may take to send a whole request, ms.
+    pub request_read_ms_max: u64,
+    /// Longest fetch long-poll, ms (a request asking longer is capped).
+    pub fetch_wait_ms_max: u32,
+    /// Largest fetch response, bytes (a request asking more is capped).
+    pub fetch_bytes_max: u32,
+    /// Largest transport-probe download, bytes.
+    pub probe_bytes_max: u64,
+    /// How often retention runs, ms.
+    pub retention_check_interval_ms: u64,
+    /// How long shutdown waits for in-flight requests, ms.
+    pub shutdown_grace_ms: u64,
+    /// Default settings for new topics, as `key = "value"` (see PROTOCOL.md, topic settings).
+    pub topic_defaults: std::collections::BTreeMap<String, String>,
+    /// QUIC transport tuning.
+    pub transport: TransportConfig,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            node_id: 1,
+            data_dir: PathBuf::from("quiver-data"),
+            listen: SocketAddr::from(([127, 0, 0, 1], 7400)),
+            advertised_addr: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_dev_names: Vec::new(),
+            request_bytes_max: 64 << 20,
+            request_read_ms_max: 30_000,
+            fetch_wait_ms_max: 30_000,
+            fetch_bytes_max: 64 << 20,
+            probe_bytes_max: 16 << 30,
+            retention_check_interval_ms: 300_000,
+            shutdown_grace_ms: 10_000,
+            topic_defaults: Default::default(),
+            transport: TransportConfig::default(),
+        }
+    }
+}
+
+/// QUIC knobs exposed in the config file; see `quiver_transport::TransportSettings`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TransportConfig {
+    /// Per-stream flow-control window, bytes.
+    pub stream_receive_window_bytes: u64,
+    /// Per-connection flow-control window, bytes.
+    pub receive_window_bytes: u64,
+    /// Per-connection send buffer, bytes.
+    pub send_window_bytes: u64,
+    /// Concurrent requests per connection.
+    pub max_concurrent_bidi_streams: u32,
+    /// Requested UDP socket buffers, bytes.
+    pub udp_buffer_bytes: usize,
+    /// Most client connections.
+    pub max_connections: usize,
+}
+
+impl Default for TransportConfig {
+    fn default() -> Self {
+        let d = TransportSettings::default();
+        Self {
+            stream_receive_window_bytes: d.stream_receive_window_bytes,
+            receive_window_bytes: d.receive_window_bytes,
+            send_window_bytes: d.send_window_bytes,
+            max_concurrent_bidi_streams: d.max_concurrent_bidi_streams,
+            udp_buffer_bytes: d.udp_buffer_bytes,
+            max_connections: d.max_connections,
+        }
+    }
+}
+
+impl TransportConfig {
+    /// The transport settings these knobs describe.
+    pub fn settings(&self) -> TransportSettings {
+        TransportSettings {
+            stream_receive_window_bytes: self.stream_receive_window_bytes,
+            receive_window_bytes: self.receive_window_bytes,
+            send_window_bytes: self.send_window_bytes,
+            max_concurrent_bidi_streams: self.max_concurrent_bidi_streams,
+            udp_buffer_bytes: self.udp_buffer_bytes,
+            max_connections: self.max_connections,
+            ..TransportSettings::default()
+        }
+    }
+}
+
+impl BrokerConfig {
+    /// Reads a TOML file; unknown keys are errors.
+    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_rejects_unknown_keys() {
+        let c: BrokerConfig = toml::from_str(
+            "listen = \"127.0.0.1:9000\"\n[topic_defaults]\n\"retention.ms\" = \"1000\"\n[transport]\nmax_connections = 5\n",
+        )
+        .unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.transport.max_connections, 5);
+        assert_eq!(c.topic_defaults["retention.ms"], "1000");
+        assert!(toml::from_str::<BrokerConfig>("colour = 1").is_err());
+    }
+}

@@ -1,0 +1,482 @@
+//! One function per API: decoded request in, response out. No QUIC here; `node` moves bytes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use futures::future::join_all;
+use quiver_proto::batch::{BatchError, BatchLimits, RecordBatches, validate_batch};
+use quiver_proto::messages::*;
+use quiver_proto::{ApiKey, ErrorCode};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::Broker;
+use crate::partition::{Partition, PartitionError};
+
+/// Limits the handlers enforce, from the node configuration.
+#[derive(Clone, Copy, Debug)]
+pub struct HandlerLimits {
+    /// Largest request frame, bytes (also the largest batch).
+    pub request_bytes_max: usize,
+    /// Longest fetch wait, ms.
+    pub fetch_wait_ms_max: u32,
+    /// Largest fetch response, bytes.
+    pub fetch_bytes_max: u32,
+}
+
+fn status_of(e: &PartitionError) -> Status {
+    Status::err(e.code, e.message.clone())
+}
+
+/// Supported APIs and versions.
+pub fn api_versions() -> ApiVersionsResponse {
+    ApiVersionsResponse {
+        apis: ApiKey::ALL
+            .iter()
+            .map(|a| ApiVersionRange {
+                api: a.code(),
+                version_min: 1,
+                version_max: a.version_max(),
+            })
+            .collect(),
+    }
+}
+
+/// Brokers and topic layout.
+pub fn metadata(broker: &Broker, advertised: &str, req: MetadataRequest) -> MetadataResponse {
+    let describe = |name: String| match broker.topic(&name) {
+        Some(t) => TopicMetadata {
+            name,
+            status: Status::ok(),
+            partitions: (0..t.config.partitions)
+                .map(|p| PartitionMetadata {
+                    partition: p,
+                    leader: broker.node_id(),
+                    leader_epoch: 0,
+                })
+                .collect(),
+        },
+        None => TopicMetadata {
+            status: Status::err(
+                ErrorCode::UnknownTopicOrPartition,
+                format!("unknown topic {name}"),
+            ),
+            name,
+            partitions: Vec::new(),
+        },
+    };
+    let names = req.topics.unwrap_or_else(|| {
+        broker
+            .topics()
+            .into_iter()
+            .map(|(n, _)| n.to_string())
+            .collect()
+    });
+    MetadataResponse {
+        brokers: vec![BrokerInfo {
+            node_id: broker.node_id(),
+            addr: advertised.to_string(),
+        }],
+        topics: names.into_iter().map(describe).collect(),
+    }
+}
+
+/// Creates topics, one result each.
+pub async fn create_topics(broker: &Broker, req: CreateTopicsRequest) -> CreateTopicsResponse {
+    let mut results = Vec::with_capacity(req.topics.len());
+    for t in req.topics {
+        let status = match broker.create_topic(&t.name, t.partitions, &t.configs).await {
+            Ok(()) => Status::ok(),
+            Err(e) => Status::err(e.code, e.message),
+        };
+        results.push(TopicResult {
+            name: t.name,
+            status,
+        });
+    }
+    CreateTopicsResponse { results }
+}
+
+/// Deletes topics, one result each.
+pub async fn delete_topics(broker: &Broker, req: DeleteTopicsRequest) -> DeleteTopicsResponse {
+    let mut results = Vec::with_capacity(req.names.len());
+    for name in req.names {
+        let status = match broker.delete_topic(&name).await {
+            Ok(()) => Status::ok(),
+            Err(e) => Status::err(e.code, e.message),
+        };
+        results.push(TopicResult { name, status });
+    }
+    DeleteTopicsResponse { results }
+}
+
+/// Every topic.
+pub fn list_topics(broker: &Broker) -> ListTopicsResponse {
+    ListTopicsResponse {
+        topics: broker
+            .topics()
+            .into_iter()
+            .map(|(name, t)| TopicListing {
+                name: name.to_string(),
+                partitions: t.config.partitions,
+            })
+            .collect(),
+    }
+}
+
+/// Settings and offsets of topics.
+pub fn describe_topics(broker: &Broker, req: DescribeTopicsRequest) -> DescribeTopicsResponse {
+    let topics = req
+        .names
+        .into_iter()
+        .map(|name| {
+            let Some(t) = broker.topic(&name) else {
+                return TopicDescription {
+                    status: Status::err(
+                        ErrorCode::UnknownTopicOrPartition,
+                        format!("unknown topic {name}"),
+                    ),
+                    name,
+                    configs: Vec::new(),
+                    partitions: Vec::new(),
+                };
+            };
+            let mut partitions = Vec::with_capacity(t.partitions.len());
+            let mut status = Status::ok();
+            for p in &t.partitions {
+                match p.state() {
+                    Ok(s) => partitions.push(PartitionDescription {
+                        partition: p.id().0,
+                        log_start_offset: s.log_start_offset,
+                        high_watermark: s.high_watermark,
+                        log_end_offset: s.log_end_offset,
+                        size_bytes: s.size_bytes,
+                        segments: s.segments,
+                    }),
+                    Err(e) => status = status_of(&e),
+                }
+            }
+            TopicDescription {
+                name,
+                status,
+                configs: t.config.to_pairs(),
+                partitions,
+            }
+        })
+        .collect();
+    DescribeTopicsResponse { topics }
+}
+
+fn batch_status(e: &BatchError, partition: u32) -> Status {
+    let code = match e {
+        BatchError::CrcMismatch { .. } => ErrorCode::CorruptBatch,
+        BatchError::RecordTooLarge { .. } => ErrorCode::RecordTooLarge,
+        _ => ErrorCode::InvalidBatch,
+    };
+    Status::err(code, format!("partition {partition}: {e}"))
+}
+
+/// Splits and validates the batches produced to one partition, copying them into buffers the
+/// log can stamp offsets into. Nothing is appended unless every batch is valid.
+fn prepare_batches(
+    records: &[u8],
+    partition: &Partition,
+    record_bytes_max: usize,
+    batch_bytes_max: usize,
+) -> Result<Vec<BytesMut>, Status> {
+    let id = partition.id().0;
+    if records.is_empty() {
+        return Err(Status::err(
+            ErrorCode::InvalidBatch,
+            format!("partition {id}: no record batches"),
+        ));
+    }
+    let limits = BatchLimits {
+        record_bytes_max,
+        batch_bytes_max,
+    };
+    let mut out = Vec::new();
+    for view in RecordBatches::new(records) {
+        let view = view.map_err(|e| batch_status(&e, id))?;
+        validate_batch(view.as_bytes(), &limits).map_err(|e| batch_status(&e, id))?;
+        out.push(BytesMut::from(view.as_bytes()));
+    }
+    Ok(out)
+}
+
+/// Appends batches; `None` when the producer asked for no acknowledgement.
+pub async fn produce(
+    broker: &Broker,
+    limits: &HandlerLimits,
+    req: ProduceRequest,
+) -> Option<ProduceResponse> {
+    let deadline = Duration::from_millis(u64::from(req.timeout_ms.max(1)));
+    let mut pending = Vec::new();
+    let mut shape = Vec::with_capacity(req.topics.len());
+    for t in req.topics {
+        let mut parts = Vec::with_capacity(t.partitions.len());
+        for p in t.partitions {
+            let prepared = broker
+                .partition(&t.name, p.partition)
+                .map_err(|e| status_of(&e))
+                .and_then(|part| {
+                    let record_max = broker
+                        .topic(&t.name)
+                        .map(|t| t.config.max_record_bytes as usize)
+                        .unwrap_or(0);
+                    prepare_batches(&p.records, &part, record_max, limits.request_bytes_max)
+                        .map(|batches| (part, batches))
+                });
+            match prepared {
+                Ok((part, batches)) => {
+                    parts.push((p.partition, Some(pending.len()), Status::ok()));
+                    pending.push(async move { part.append(batches).await });
+                }
+                Err(status) => parts.push((p.partition, None, status)),
+            }
+        }
+        shape.push((t.name, parts));
+    }
+    let appended = tokio::time::timeout(deadline, join_all(pending)).await;
+    let response = ProduceResponse {
+        topics: shape
+            .into_iter()
+            .map(|(name, parts)| ProduceTopicResponse {
+                name,
+                partitions: parts
+                    .into_iter()
+                    .map(|(partition, slot, status)| {
+                        let (status, base_offset) = match (slot, &appended) {
+                            (None, _) => (status, 0),
+                            (Some(i), Ok(results)) => match &results[i] {
+                                Ok(base) => (Status::ok(), *base),
+                                Err(e) => (status_of(e), 0),
+                            },
+                            (Some(_), Err(_)) => (
+                                Status::err(
+                                    ErrorCode::RequestTimedOut,
+                                    "append did not complete within the request timeout; it may still be applied",
+                                ),
+                                0,
+                            ),
+                        };
+                        ProducePartitionResponse {
+                            partition,
+                            status,
+                            base_offset,
+                        }
+                    })
+                    .collect(),
+            })
+            .collect(),
+    };
+    (req.acks != Acks::None).then_some(response)
+}
+
+struct FetchSlot {
+    topic: usize,
+    partition: Arc<Partition>,
+    offset: u64,
+    max_bytes: usize,
+}
+
+/// Reads batches, waiting up to `max_wait_ms` for `min_bytes`.
+pub async fn fetch(
+    broker: &Arc<Broker>,
+    limits: &HandlerLimits,
+    req: FetchRequest,
+    shutdown: &CancellationToken,
+) -> FetchResponse {
+    let wait = Duration::from_millis(u64::from(req.max_wait_ms.min(limits.fetch_wait_ms_max)));
+    let deadline = Instant::now() + wait;
+    let max_bytes = req.max_bytes.min(limits.fetch_bytes_max) as usize;
+    let min_bytes = req.min_bytes as usize;
+
+    let mut response = FetchResponse::default();
+    let mut slots = Vec::new();
+    let mut slot_index = Vec::new();
+    for (ti, t) in req.topics.into_iter().enumerate() {
+        let mut parts = Vec::with_capacity(t.partitions.len());
+        for p in &t.partitions {
+            let resp = FetchPartitionResponse {
+                partition: p.partition,
+                status: Status::ok(),
+                high_watermark: 0,
+                log_start_offset: 0,
+                records: bytes::Bytes::new(),
+            };
+            match broker.partition(&t.name, p.partition) {
+                Ok(part) => {
+                    slot_index.push((ti, parts.len()));
+                    slots.push(FetchSlot {
+                        topic: ti,
+                        partition: part,
+                        offset: p.offset,
+                        max_bytes: p.partition_max_bytes as usize,
+                    });
+                }
+                Err(e) => {
+                    parts.push(FetchPartitionResponse {
+                        status: status_of(&e),
+                        ..resp
+                    });
+                    continue;
+                }
+            }
+            parts.push(resp);
+        }
+        response.topics.push(FetchTopicResponse {
+            name: t.name,
+            partitions: parts,
+        });
+    }
+
+    let mut watches: Vec<_> = slots
+        .iter()
+        .map(|s| s.partition.watch_high_watermark())
+        .collect();
+    loop {
+        for w in &mut watches {
+            w.borrow_and_update();
+        }
+        let reads = read_slots(&slots, max_bytes).await;
+        let total: usize = reads.iter().map(|r| r.1.records.len()).sum();
+        let any_error = reads.iter().any(|r| !r.1.status.is_ok());
+        if total >= min_bytes.max(1) || any_error || Instant::now() >= deadline || slots.is_empty()
+        {
+            for ((ti, pi), (_, r)) in slot_index.iter().zip(reads) {
+                response.topics[*ti].partitions[*pi] = r;
+            }
+            debug_assert!(slots.iter().all(|s| s.topic < response.topics.len()));
+            return response;
+        }
+        // Wait for any high watermark to move, the deadline, or shutdown.
+        let changed =
+            futures::future::select_all(watches.iter_mut().map(|w| Box::pin(w.changed())));
+        tokio::select! {
+            _ = changed => {}
+            _ = tokio::time::sleep_until(deadline) => {}
+            _ = shutdown.cancelled() => {}
+        }
+        if shutdown.is_cancelled() {
+            // Answer with whatever is there now rather than holding shutdown up.
+            let reads = read_slots(&slots, max_bytes).await;
+            for ((ti, pi), (_, r)) in slot_index.iter().zip(reads) {
+                response.topics[*ti].partitions[*pi] = r;
+            }
+            return response;
+        }
+    }
+}
+
+async fn read_slots(slots: &[FetchSlot], max_bytes: usize) -> Vec<(usize, FetchPartitionResponse)> {
+    let work: Vec<(Arc<Partition>, u64, usize)> = slots
+        .iter()
+        .map(|s| (s.partition.clone(), s.offset, s.max_bytes))
+        .collect();
+    let result = tokio::task::spawn_blocking(move || {
+        let mut budget = max_bytes;
+        work.into_iter()
+            .enumerate()
+            .map(|(i, (part, offset, part_max))| {
+                let state = part.state().ok();
+                let (log_start_offset, high_watermark) = state
+                    .map(|s| (s.log_start_offset, s.high_watermark))
+                    .unwrap_or((0, 0));
+                let mut resp = FetchPartitionResponse {
+                    partition: part.id().0,
+                    status: Status::ok(),
+                    high_watermark,
+                    log_start_offset,
+                    records: bytes::Bytes::new(),
+                };
+                // Once the budget is spent the remaining partitions answer empty; the first
+                // partition with data always gets at least one whole batch.
+                let allowed = part_max.min(budget);
+                if allowed > 0 || budget == max_bytes {
+                    match part.read_blocking(offset, allowed.max(1)) {
+                        Ok(bytes) => {
+                            budget = budget.saturating_sub(bytes.len());
+                            resp.records = bytes;
+                        }
+                        Err(e) => resp.status = status_of(&e),
+                    }
+                }
+                (i, resp)
+            })
+            .collect::<Vec<_>>()
+    })
+    .await;
+    match result {
+        Ok(v) => v,
+        Err(e) => slots
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                (
+                    i,
+                    FetchPartitionResponse {
+                        partition: s.partition.id().0,
+                        status: Status::err(ErrorCode::Unknown, e.to_string()),
+                        high_watermark: 0,
+                        log_start_offset: 0,
+                        records: bytes::Bytes::new(),
+                    },
+                )
+            })
+            .collect(),
+    }
+}
+
+/// Earliest, latest or by-timestamp offsets.
+pub async fn list_offsets(broker: &Arc<Broker>, req: ListOffsetsRequest) -> ListOffsetsResponse {
+    let broker = broker.clone();
+    let lookup = move || {
+        let topics = req
+            .topics
+            .into_iter()
+            .map(|t| {
+                let partitions = t
+                    .partitions
+                    .iter()
+                    .map(|p| {
+                        let answer = broker.partition(&t.name, p.partition).and_then(|part| {
+                            let s = part.state()?;
+                            Ok(match p.timestamp {
+                                EARLIEST_TIMESTAMP => (s.log_start_offset as i64, -1),
+                                LATEST_TIMESTAMP => (s.high_watermark as i64, -1),
+                                ts => match part.offset_for_timestamp_blocking(ts)? {
+                                    Some((o, t)) => (o as i64, t),
+                                    None => (-1, -1),
+                                },
+                            })
+                        });
+                        match answer {
+                            Ok((offset, timestamp)) => ListOffsetsPartitionResponse {
+                                partition: p.partition,
+                                status: Status::ok(),
+                                offset,
+                                timestamp,
+                            },
+                            Err(e) => ListOffsetsPartitionResponse {
+                                partition: p.partition,
+                                status: status_of(&e),
+                                offset: -1,
+                                timestamp: -1,
+                            },
+                        }
+                    })
+                    .collect();
+                ListOffsetsTopicResponse {
+                    name: t.name,
+                    partitions,
+                }
+            })
+            .collect();
+        ListOffsetsResponse { topics }
+    };
+    tokio::task::spawn_blocking(lookup)
+        .await
+        .unwrap_or_default()
+}

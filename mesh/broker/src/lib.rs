@@ -1,0 +1,30 @@
+//! The Quiver node and the `quiver` command.
+//!
+//! - [`node`] accepts QUIC connections and turns request frames into handler calls.
+//! - [`handlers`] implement each API over the [`broker::Broker`].
+//! - [`broker`] holds the topic table; [`partition`] owns one log, its group-commit appender
+//!   and its high watermark.
+//! - [`catalog`] persists topics in `sled`; [`topic_config`] validates topic settings.
+//! - [`cli`] is the command line (server, client commands, perf tool).
+#![forbid(unsafe_code)]
+
+pub mod broker;
+pub mod catalog;
+pub mod cli;
+pub mod config;
+pub mod handlers;
+pub mod node;
+pub mod partition;
+pub mod topic_config;
+
+pub use config::BrokerConfig;
+pub use node::Node;
+
+/// Milliseconds since the Unix epoch; the one place the node reads the wall clock for records
+/// and retention.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,439 @@
+//! The network side of a node: accepts QUIC connections, reads one request frame per
+//! bidirectional stream, dispatches it to a handler and writes the response frame.
+//!
+//! Shutdown is an input: [`Node::shutdown`] stops accepting connections, answers new requests
+//! with `shutting_down`, waits (bounded) for in-flight requests, flushes every partition, then
+//! closes QUIC.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use quiver_proto::codec::Writer;
+use quiver_proto::frame::{FRAME_LENGTH_BYTES, check_length_prefix, frame_prefix};
+use quiver_proto::messages::*;
+use quiver_proto::{ApiKey, ErrorCode, RequestHeader};
+use quiver_transport::{Connection, RecvStream, SendStream, Server, ServerIdentity};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::broker::Broker;
+use crate::config::BrokerConfig;
+use crate::handlers::{self, HandlerLimits};
+
+/// QUIC application close code sent to clients when the node shuts down.
+pub const CLOSE_SHUTDOWN: u32 = 1;
+/// Stream reset/stop code for a refused request.
+pub const STREAM_REFUSED: u32 = 2;
+/// Largest chunk written per call by the transport probe.
+const PROBE_CHUNK_BYTES: usize = 256 << 10;
+
+struct Shared {
+    broker: Arc<Broker>,
+    limits: HandlerLimits,
+    advertised: String,
+    request_read: Duration,
+    probe_bytes_max: u64,
+    shutdown: CancellationToken,
+    requests: TaskTracker,
+}
+
+/// A running node.
+pub struct Node {
+    shared: Arc<Shared>,
+    server: Arc<Server>,
+    local_addr: SocketAddr,
+    ca_file: Option<PathBuf>,
+    accept_task: tokio::task::JoinHandle<()>,
+    retention_task: tokio::task::JoinHandle<()>,
+    grace: Duration,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("local_addr", &self.local_addr)
+            .field("ca_file", &self.ca_file)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Node {
+    /// Opens storage, binds the QUIC endpoint and starts serving.
+    pub async fn start(config: BrokerConfig) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+            anyhow::anyhow!("cannot create data dir {}: {e}", config.data_dir.display())
+        })?;
+        let (identity, ca_file) = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => (ServerIdentity::from_pem_files(cert, key)?, None),
+            (None, None) => {
+                let (id, ca) = ServerIdentity::load_or_generate_dev(
+                    &config.data_dir.join("tls"),
+                    &config.tls_dev_names,
+                )?;
+                (id, Some(ca))
+            }
+            _ => anyhow::bail!("tls_cert and tls_key must be given together"),
+        };
+        let broker =
+            Arc::new(Broker::open(config.node_id, &config.data_dir, &config.topic_defaults).await?);
+        let server = Arc::new(Server::bind(
+            config.listen,
+            &identity,
+            quiver_transport::ALPN_CLIENT,
+            &config.transport.settings(),
+        )?);
+        let local_addr = server.local_addr()?;
+        let advertised = config
+            .advertised_addr
+            .clone()
+            .unwrap_or_else(|| local_addr.to_string());
+        let shared = Arc::new(Shared {
+            broker,
+            limits: HandlerLimits {
+                request_bytes_max: config.request_bytes_max,
+                fetch_wait_ms_max: config.fetch_wait_ms_max,
+                fetch_bytes_max: config.fetch_bytes_max,
+            },
+            advertised,
+            request_read: Duration::from_millis(config.request_read_ms_max),
+            probe_bytes_max: config.probe_bytes_max,
+            shutdown: CancellationToken::new(),
+            requests: TaskTracker::new(),
+        });
+        let accept_task = tokio::spawn(accept_loop(shared.clone(), server.clone()));
+        let retention_task = tokio::spawn(retention_loop(
+            shared.clone(),
+            Duration::from_millis(config.retention_check_interval_ms.max(10)),
+        ));
+        tracing::info!(addr = %local_addr, data_dir = %config.data_dir.display(), "node serving");
+        Ok(Self {
+            shared,
+            server,
+            local_addr,
+            ca_file,
+            accept_task,
+            retention_task,
+            grace: Duration::from_millis(config.shutdown_grace_ms),
+        })
+    }
+
+    /// The bound UDP address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The generated development CA clients must trust, when no certificate was configured.
+    pub fn ca_file(&self) -> Option<&PathBuf> {
+        self.ca_file.as_ref()
+    }
+
+    /// The node's data plane (for tests and tools in the same process).
+    pub fn broker(&self) -> &Arc<Broker> {
+        &self.shared.broker
+    }
+
+    /// Graceful shutdown: stop accepting, finish in-flight requests (bounded by
+    /// `shutdown_grace_ms`), flush and close every partition, close QUIC.
+    pub async fn shutdown(self) {
+        tracing::info!("shutting down");
+        self.shared.shutdown.cancel();
+        self.accept_task.abort();
+        self.retention_task.abort();
+        self.shared.requests.close();
+        if tokio::time::timeout(self.grace, self.shared.requests.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("in-flight requests still running after the grace period");
+        }
+        self.shared.broker.close().await;
+        self.server
+            .shutdown(CLOSE_SHUTDOWN, "node shutting down")
+            .await;
+        tracing::info!("shut down");
+    }
+}
+
+async fn retention_loop(shared: Arc<Shared>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let broker = shared.broker.clone();
+        let _ = tokio::task::spawn_blocking(move || broker.enforce_retention_blocking()).await;
+    }
+}
+
+async fn accept_loop(shared: Arc<Shared>, server: Arc<Server>) {
+    while let Some(conn) = server.accept().await {
+        let shared2 = shared.clone();
+        shared.requests.spawn(serve_connection(shared2, conn));
+    }
+}
+
+async fn serve_connection(shared: Arc<Shared>, conn: Connection) {
+    tracing::debug!(remote = %conn.remote_addr(), "connection");
+    loop {
+        let (send, recv) = match conn.accept_bi().await {
+            Ok(Some(s)) => s,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::debug!(remote = %conn.remote_addr(), error = %e, "connection ended");
+                break;
+            }
+        };
+        let shared2 = shared.clone();
+        // Requests of a closing node still get an answer (`shutting_down`), so the tracker
+        // spawns even after close(); wait() covers them.
+        shared.requests.spawn(serve_stream(shared2, send, recv));
+    }
+}
+
+fn error_frame(api: u16, request_id: u64, code: ErrorCode, message: &str) -> Bytes {
+    let mut w = Writer::new();
+    w.string(message);
+    quiver_proto::ResponseHeader {
+        api,
+        error: code.code(),
+        request_id,
+    }
+    .encode(&w.into_bytes())
+}
+
+async fn respond(send: &mut SendStream, mut chunks: Vec<Bytes>) {
+    if send.write_chunks(&mut chunks).await.is_ok() {
+        let _ = send.finish();
+    }
+}
+
+async fn respond_error(send: &mut SendStream, api: u16, id: u64, code: ErrorCode, message: &str) {
+    respond(send, vec![error_frame(api, id, code, message)]).await;
+}
+
+async fn serve_stream(shared: Arc<Shared>, mut send: SendStream, mut recv: RecvStream) {
+    let mut prefix = [0u8; FRAME_LENGTH_BYTES];
+    let head = tokio::time::timeout(shared.request_read, recv.read_exact(&mut prefix)).await;
+    match head {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            // Fewer than four bytes then the end: answer so the client is not left waiting.
+            respond_error(
+                &mut send,
+                0,
+                0,
+                ErrorCode::InvalidRequest,
+                &format!("truncated frame: {e}"),
+            )
+            .await;
+            return;
+        }
+        Err(_) => {
+            respond_error(
+                &mut send,
+                0,
+                0,
+                ErrorCode::RequestTimedOut,
+                "request not received in time",
+            )
+            .await;
+            recv.stop(STREAM_REFUSED);
+            return;
+        }
+    }
+    let length = match check_length_prefix(prefix, shared.limits.request_bytes_max) {
+        Ok(n) => n,
+        Err(e) => {
+            let code = match e {
+                quiver_proto::FrameError::TooLarge { .. } => ErrorCode::FrameTooLarge,
+                _ => ErrorCode::InvalidRequest,
+            };
+            recv.stop(STREAM_REFUSED);
+            respond_error(&mut send, 0, 0, code, &e.to_string()).await;
+            return;
+        }
+    };
+    let rest = match tokio::time::timeout(shared.request_read, recv.read_exact_bytes(length)).await
+    {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => {
+            respond_error(
+                &mut send,
+                0,
+                0,
+                ErrorCode::InvalidRequest,
+                &format!("truncated frame: {e}"),
+            )
+            .await;
+            return;
+        }
+        Err(_) => {
+            recv.stop(STREAM_REFUSED);
+            respond_error(
+                &mut send,
+                0,
+                0,
+                ErrorCode::RequestTimedOut,
+                "request not received in time",
+            )
+            .await;
+            return;
+        }
+    };
+    let (header, body) = match RequestHeader::decode_after_prefix(rest) {
+        Ok(x) => x,
+        Err(e) => {
+            respond_error(&mut send, 0, 0, ErrorCode::InvalidRequest, &e.to_string()).await;
+            return;
+        }
+    };
+    let (api_code, id) = (header.api, header.request_id);
+    if shared.shutdown.is_cancelled() {
+        respond_error(
+            &mut send,
+            api_code,
+            id,
+            ErrorCode::ShuttingDown,
+            "node is shutting down",
+        )
+        .await;
+        return;
+    }
+    let Some(api) = ApiKey::from_code(api_code) else {
+        respond_error(
+            &mut send,
+            api_code,
+            id,
+            ErrorCode::UnsupportedApi,
+            &format!("unknown api {api_code}"),
+        )
+        .await;
+        return;
+    };
+    if header.version == 0 || header.version > api.version_max() {
+        respond_error(
+            &mut send,
+            api_code,
+            id,
+            ErrorCode::UnsupportedVersion,
+            &format!("api {api_code} supports versions 1..={}", api.version_max()),
+        )
+        .await;
+        return;
+    }
+    match dispatch(&shared, api, body, &mut recv, &mut send).await {
+        Ok(Some(chunks)) => {
+            let body_bytes = chunks.iter().map(Bytes::len).sum();
+            let mut all = Vec::with_capacity(chunks.len() + 1);
+            all.push(frame_prefix(api_code, 0, id, body_bytes));
+            all.extend(chunks);
+            respond(&mut send, all).await;
+        }
+        Ok(None) => {
+            let _ = send.finish();
+        }
+        Err((code, message)) => respond_error(&mut send, api_code, id, code, &message).await,
+    }
+}
+
+type DispatchResult = Result<Option<Vec<Bytes>>, (ErrorCode, String)>;
+
+fn decode<M: Message>(body: Bytes) -> Result<M, (ErrorCode, String)> {
+    M::from_bytes(body).map_err(|e| {
+        (
+            ErrorCode::InvalidRequest,
+            format!("malformed {:?} request: {e}", M::API),
+        )
+    })
+}
+
+fn one<M: Message>(m: &M) -> Option<Vec<Bytes>> {
+    Some(vec![m.to_bytes()])
+}
+
+async fn dispatch(
+    shared: &Shared,
+    api: ApiKey,
+    body: Bytes,
+    recv: &mut RecvStream,
+    send: &mut SendStream,
+) -> DispatchResult {
+    let broker = &shared.broker;
+    Ok(match api {
+        ApiKey::ApiVersions => {
+            decode::<ApiVersionsRequest>(body)?;
+            one(&handlers::api_versions())
+        }
+        ApiKey::Metadata => one(&handlers::metadata(
+            broker,
+            &shared.advertised,
+            decode(body)?,
+        )),
+        ApiKey::CreateTopics => one(&handlers::create_topics(broker, decode(body)?).await),
+        ApiKey::DeleteTopics => one(&handlers::delete_topics(broker, decode(body)?).await),
+        ApiKey::ListTopics => {
+            decode::<ListTopicsRequest>(body)?;
+            one(&handlers::list_topics(broker))
+        }
+        ApiKey::DescribeTopics => one(&handlers::describe_topics(broker, decode(body)?)),
+        ApiKey::Produce => handlers::produce(broker, &shared.limits, decode(body)?)
+            .await
+            .map(|r| vec![r.to_bytes()]),
+        ApiKey::Fetch => {
+            let resp =
+                handlers::fetch(broker, &shared.limits, decode(body)?, &shared.shutdown).await;
+            Some(resp.encode_chunks())
+        }
+        ApiKey::ListOffsets => one(&handlers::list_offsets(broker, decode(body)?).await),
+        ApiKey::TransportProbe => {
+            probe(shared, decode(body)?, recv, send).await?;
+            None
+        }
+    })
+}
+
+/// `quiver perf transport`: raw bytes over the same connection settings as real requests.
+async fn probe(
+    shared: &Shared,
+    req: TransportProbeRequest,
+    recv: &mut RecvStream,
+    send: &mut SendStream,
+) -> Result<(), (ErrorCode, String)> {
+    let io = |e: quiver_transport::TransportError| (ErrorCode::Unknown, e.to_string());
+    match req.direction {
+        ProbeDirection::Upload => {
+            let mut bytes = 0u64;
+            while let Some(chunk) = recv.read_chunk(usize::MAX).await.map_err(io)? {
+                bytes += chunk.len() as u64;
+            }
+            let body = TransportProbeResponse { bytes }.to_bytes();
+            let mut chunks = [
+                frame_prefix(ApiKey::TransportProbe.code(), 0, 0, body.len()),
+                body,
+            ];
+            send.write_chunks(&mut chunks).await.map_err(io)?;
+        }
+        ProbeDirection::Download => {
+            let total = req.bytes.min(shared.probe_bytes_max);
+            let body = TransportProbeResponse { bytes: total }.to_bytes();
+            let mut chunks = [
+                frame_prefix(ApiKey::TransportProbe.code(), 0, 0, body.len()),
+                body,
+            ];
+            send.write_chunks(&mut chunks).await.map_err(io)?;
+            let block = Bytes::from(vec![0x5a; PROBE_CHUNK_BYTES]);
+            let mut left = total;
+            while left > 0 {
+                let n = left.min(PROBE_CHUNK_BYTES as u64) as usize;
+                let mut c = [block.slice(..n)];
+                send.write_chunks(&mut c).await.map_err(io)?;
+                left -= n as u64;
+            }
+        }
+    }
+    let _ = send.finish();
+    Ok(())
+}

@@ -1,0 +1,384 @@
+//! One partition on this node: its log, its appender task (group commit), and its high
+//! watermark, which wakes long-polling fetches.
+//!
+//! Appends go through a bounded queue to a task that owns the write side: it drains every queued
+//! produce (up to [`GROUP_JOBS_MAX`]), appends them on a blocking thread, fsyncs once when the
+//! topic's policy is `batch`, then answers them all. That single fsync shared by concurrent
+//! producers is the group commit. Reads take the log's read lock on a blocking thread.
+
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use quiver_log::{LogError, PartitionLog};
+use quiver_proto::{ErrorCode, PartitionId, TopicName};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::now_ms;
+use crate::topic_config::{FlushPolicy, TopicConfig};
+
+/// Produce requests waiting for one partition's appender, beyond which producers wait.
+pub const APPEND_QUEUE_JOBS_MAX: usize = 1024;
+/// Most queued produces appended together under one fsync.
+pub const GROUP_JOBS_MAX: usize = 256;
+
+/// A failed partition operation, mapped onto a protocol error code.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct PartitionError {
+    /// Protocol code.
+    pub code: ErrorCode,
+    /// Details.
+    pub message: String,
+}
+
+impl PartitionError {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<LogError> for PartitionError {
+    fn from(e: LogError) -> Self {
+        let code = match &e {
+            LogError::OffsetOutOfRange { .. } => ErrorCode::OffsetOutOfRange,
+            _ => ErrorCode::StorageError,
+        };
+        Self::new(code, e.to_string())
+    }
+}
+
+struct AppendJob {
+    batches: Vec<BytesMut>,
+    reply: oneshot::Sender<Result<u64, PartitionError>>,
+}
+
+/// Offsets and size of a partition's log.
+#[derive(Clone, Copy, Debug)]
+pub struct PartitionState {
+    /// First stored offset.
+    pub log_start_offset: u64,
+    /// Offset after the last readable record.
+    pub high_watermark: u64,
+    /// Offset after the last appended record.
+    pub log_end_offset: u64,
+    /// Bytes on disk.
+    pub size_bytes: u64,
+    /// Segments on disk.
+    pub segments: u32,
+}
+
+/// A partition hosted by this node.
+#[derive(Debug)]
+pub struct Partition {
+    topic: TopicName,
+    id: PartitionId,
+    dir: PathBuf,
+    log: Arc<RwLock<PartitionLog>>,
+    high_watermark: watch::Sender<u64>,
+    appends: mpsc::Sender<AppendJob>,
+    appender: std::sync::Mutex<Option<JoinHandle<()>>>,
+    closing: CancellationToken,
+}
+
+impl Partition {
+    /// Opens (recovering) the partition's log in `dir` and starts its appender task.
+    pub async fn open(
+        topic: TopicName,
+        id: PartitionId,
+        dir: PathBuf,
+        config: &TopicConfig,
+    ) -> Result<Arc<Self>, PartitionError> {
+        let log_config = config.log_config();
+        let open_dir = dir.clone();
+        let (log, report) = tokio::task::spawn_blocking(move || {
+            PartitionLog::open(&open_dir, log_config, now_ms())
+        })
+        .await
+        .map_err(|e| PartitionError::new(ErrorCode::StorageError, e.to_string()))??;
+        tracing::info!(%topic, partition = id.0, ?report, "partition opened");
+        let end = log.log_end_offset();
+        let (hw_tx, _) = watch::channel(end);
+        let (tx, rx) = mpsc::channel(APPEND_QUEUE_JOBS_MAX);
+        let partition = Arc::new(Self {
+            topic,
+            id,
+            dir,
+            log: Arc::new(RwLock::new(log)),
+            high_watermark: hw_tx,
+            appends: tx,
+            appender: std::sync::Mutex::new(None),
+            closing: CancellationToken::new(),
+        });
+        let task = tokio::spawn(appender(
+            partition.log.clone(),
+            partition.high_watermark.clone(),
+            rx,
+            config.flush_policy,
+            config.flush_interval_ms,
+            partition.closing.clone(),
+        ));
+        if let Ok(mut slot) = partition.appender.lock() {
+            *slot = Some(task);
+        }
+        Ok(partition)
+    }
+
+    /// Topic name.
+    pub fn topic(&self) -> &TopicName {
+        &self.topic
+    }
+
+    /// Partition index.
+    pub fn id(&self) -> PartitionId {
+        self.id
+    }
+
+    /// Appends validated batches; resolves to the base offset of the first once the append is
+    /// as durable as the topic's flush policy promises.
+    pub async fn append(&self, batches: Vec<BytesMut>) -> Result<u64, PartitionError> {
+        let (reply, rx) = oneshot::channel();
+        self.appends
+            .send(AppendJob { batches, reply })
+            .await
+            .map_err(|_| PartitionError::new(ErrorCode::ShuttingDown, "partition is closing"))?;
+        rx.await
+            .map_err(|_| PartitionError::new(ErrorCode::ShuttingDown, "partition is closing"))?
+    }
+
+    /// The high watermark now.
+    pub fn high_watermark(&self) -> u64 {
+        *self.high_watermark.borrow()
+    }
+
+    /// A receiver woken whenever the high watermark moves.
+    pub fn watch_high_watermark(&self) -> watch::Receiver<u64> {
+        self.high_watermark.subscribe()
+    }
+
+    fn read_log<T>(&self, f: impl FnOnce(&PartitionLog) -> T) -> Result<T, PartitionError> {
+        let log = self
+            .log
+            .read()
+            .map_err(|_| PartitionError::new(ErrorCode::StorageError, "log lock poisoned"))?;
+        Ok(f(&log))
+    }
+
+    /// Whole batches from `offset`, below the high watermark, at most `max_bytes` (or one whole
+    /// batch). Blocking: call from a blocking thread.
+    pub fn read_blocking(&self, offset: u64, max_bytes: usize) -> Result<Bytes, PartitionError> {
+        let hw = self.high_watermark();
+        Ok(self.read_log(|log| log.read(offset, max_bytes, hw))??)
+    }
+
+    /// Offsets and size. Cheap: no I/O.
+    pub fn state(&self) -> Result<PartitionState, PartitionError> {
+        let hw = self.high_watermark();
+        self.read_log(|log| PartitionState {
+            log_start_offset: log.log_start_offset(),
+            high_watermark: hw,
+            log_end_offset: log.log_end_offset(),
+            size_bytes: log.size_bytes(),
+            segments: log.segment_count() as u32,
+        })
+    }
+
+    /// First readable offset whose timestamp is at or after `ts_ms`, with that timestamp.
+    /// Blocking: call from a blocking thread.
+    pub fn offset_for_timestamp_blocking(
+        &self,
+        ts_ms: i64,
+    ) -> Result<Option<(u64, i64)>, PartitionError> {
+        let hw = self.high_watermark();
+        let found = self.read_log(|log| log.offset_for_timestamp(ts_ms))??;
+        Ok(found.filter(|(o, _)| *o < hw))
+    }
+
+    /// Deletes segments past retention. Blocking: call from a blocking thread.
+    pub fn enforce_retention_blocking(&self) -> Result<(), PartitionError> {
+        let mut log = self
+            .log
+            .write()
+            .map_err(|_| PartitionError::new(ErrorCode::StorageError, "log lock poisoned"))?;
+        let report = log.enforce_retention(now_ms())?;
+        tracing::debug!(topic = %self.topic, partition = self.id.0, ?report, "retention");
+        Ok(())
+    }
+
+    /// Stops the appender after it has answered every queued produce and flushed the log.
+    /// Later appends fail with `shutting_down`.
+    pub async fn close(&self) {
+        self.closing.cancel();
+        let task = self.appender.lock().ok().and_then(|mut t| t.take());
+        if let Some(task) = task
+            && tokio::time::timeout(Duration::from_secs(30), task)
+                .await
+                .is_err()
+        {
+            tracing::error!(topic = %self.topic, partition = self.id.0, "appender did not stop in 30 s");
+        }
+    }
+
+    /// Closes the partition and removes its data.
+    pub async fn delete(self: Arc<Self>) -> Result<(), PartitionError> {
+        self.close().await;
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir))
+            .await
+            .map_err(|e| PartitionError::new(ErrorCode::StorageError, e.to_string()))?
+            .map_err(|e| PartitionError::new(ErrorCode::StorageError, e.to_string()))
+    }
+}
+
+/// The partition's write side: drains queued produces, appends them, fsyncs per the topic's
+/// policy, moves the high watermark and answers. Exits after `closing` once the queue is empty,
+/// with a final flush.
+async fn appender(
+    log: Arc<RwLock<PartitionLog>>,
+    high_watermark: watch::Sender<u64>,
+    mut rx: mpsc::Receiver<AppendJob>,
+    policy: FlushPolicy,
+    flush_interval_ms: u64,
+    closing: CancellationToken,
+) {
+    let sync_each = policy == FlushPolicy::Batch;
+    let mut tick = tokio::time::interval(Duration::from_millis(flush_interval_ms.max(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut dirty = false;
+    let mut closed = false;
+    loop {
+        let first = tokio::select! {
+            job = rx.recv() => match job {
+                Some(job) => job,
+                None => break,
+            },
+            _ = tick.tick(), if !sync_each && dirty => {
+                if run_blocking(&log, |log| log.flush()).await.is_ok() {
+                    dirty = false;
+                }
+                continue;
+            }
+            _ = closing.cancelled(), if !closed => {
+                // Refuse new work but answer what is already queued.
+                rx.close();
+                closed = true;
+                continue;
+            }
+        };
+        let mut jobs = vec![first];
+        while jobs.len() < GROUP_JOBS_MAX {
+            match rx.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
+        let group_log = log.clone();
+        let outcome =
+            tokio::task::spawn_blocking(move || append_group(&group_log, jobs, sync_each)).await;
+        let (jobs, results, new_hw) = match outcome {
+            Ok(o) => o,
+            Err(e) => {
+                // The jobs were lost with the panicking thread; their producers see the
+                // dropped reply as `shutting_down` and may retry.
+                tracing::error!(error = %e, "append task failed");
+                continue;
+            }
+        };
+        if let Some(hw) = new_hw {
+            high_watermark.send_if_modified(|cur| {
+                let moved = hw > *cur;
+                if moved {
+                    *cur = hw;
+                }
+                moved
+            });
+        }
+        for (job, result) in jobs.into_iter().zip(results) {
+            let _ = job.reply.send(result);
+        }
+        dirty |= !sync_each;
+    }
+    if let Err(e) = run_blocking(&log, |log| log.flush()).await {
+        tracing::error!(error = %e, "final flush failed");
+    }
+    let end = log.read().map(|l| l.durable_end_offset()).unwrap_or(0);
+    high_watermark.send_if_modified(|cur| {
+        let moved = end > *cur;
+        if moved {
+            *cur = end;
+        }
+        moved
+    });
+}
+
+type GroupOutcome = (
+    Vec<AppendJob>,
+    Vec<Result<u64, PartitionError>>,
+    Option<u64>,
+);
+
+fn append_group(log: &RwLock<PartitionLog>, jobs: Vec<AppendJob>, sync_each: bool) -> GroupOutcome {
+    let mut jobs = jobs;
+    let Ok(mut log) = log.write() else {
+        let err = PartitionError::new(ErrorCode::StorageError, "log lock poisoned");
+        let results = jobs.iter().map(|_| Err(err.clone())).collect();
+        return (jobs, results, None);
+    };
+    let now = now_ms();
+    let mut results = Vec::with_capacity(jobs.len());
+    for job in &mut jobs {
+        let mut base = None;
+        let mut failed = None;
+        for batch in &mut job.batches {
+            match log.append(batch, 0, now) {
+                Ok(info) => {
+                    base.get_or_insert(info.base_offset);
+                }
+                Err(e) => {
+                    failed = Some(PartitionError::from(e));
+                    break;
+                }
+            }
+        }
+        results.push(match (failed, base) {
+            (Some(e), _) => Err(e),
+            (None, Some(b)) => Ok(b),
+            (None, None) => Err(PartitionError::new(ErrorCode::InvalidBatch, "no batches")),
+        });
+    }
+    if sync_each && let Err(e) = log.flush() {
+        let err = PartitionError::from(e);
+        for r in &mut results {
+            if r.is_ok() {
+                *r = Err(err.clone());
+            }
+        }
+    }
+    let hw = if sync_each {
+        log.durable_end_offset()
+    } else {
+        log.log_end_offset()
+    };
+    (jobs, results, Some(hw))
+}
+
+async fn run_blocking<T: Send + 'static>(
+    log: &Arc<RwLock<PartitionLog>>,
+    f: impl FnOnce(&mut PartitionLog) -> Result<T, LogError> + Send + 'static,
+) -> Result<T, PartitionError> {
+    let log = log.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut log = log
+            .write()
+            .map_err(|_| PartitionError::new(ErrorCode::StorageError, "log lock poisoned"))?;
+        f(&mut log).map_err(PartitionError::from)
+    })
+    .await
+    .map_err(|e| PartitionError::new(ErrorCode::StorageError, e.to_string()))?
+}

@@ -1,0 +1,195 @@
+//! Topic settings: parsed and validated from the protocol's string pairs, stored in the catalog,
+//! and turned into the log's configuration.
+
+use std::collections::BTreeMap;
+
+use quiver_log::LogConfig;
+use quiver_proto::messages::config_keys as keys;
+use serde::{Deserialize, Serialize};
+
+/// Largest record a topic may allow, bytes (bounded by the request frame limit).
+pub const MAX_RECORD_BYTES_CEILING: u64 = 32 << 20;
+/// Most partitions one topic may have.
+pub const PARTITIONS_MAX: u32 = 10_000;
+
+/// When the log is fsynced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FlushPolicy {
+    /// fsync before acknowledging each produce (concurrent produces share one fsync: group commit).
+    Batch,
+    /// Acknowledge after the append; fsync at least every `flush.interval.ms`.
+    Interval,
+}
+
+/// Effective settings of one topic.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicConfig {
+    /// Number of partitions.
+    pub partitions: u32,
+    /// `retention.ms`; `-1` keeps forever.
+    pub retention_ms: i64,
+    /// `retention.bytes`; `-1` is unlimited.
+    pub retention_bytes: i64,
+    /// `segment.bytes`.
+    pub segment_bytes: u64,
+    /// `segment.ms`.
+    pub segment_ms: i64,
+    /// `flush.policy`.
+    pub flush_policy: FlushPolicy,
+    /// `flush.interval.ms`.
+    pub flush_interval_ms: u64,
+    /// `max.record.bytes`.
+    pub max_record_bytes: u64,
+}
+
+impl TopicConfig {
+    /// Server defaults for a topic with `partitions` partitions.
+    pub fn defaults(partitions: u32) -> Self {
+        Self {
+            partitions,
+            retention_ms: 7 * 24 * 3600 * 1000,
+            retention_bytes: -1,
+            segment_bytes: 1 << 30,
+            segment_ms: 7 * 24 * 3600 * 1000,
+            flush_policy: FlushPolicy::Interval,
+            flush_interval_ms: 1000,
+            max_record_bytes: 4 << 20,
+        }
+    }
+
+    /// Applies `key=value` settings on top of `self`, validating each.
+    pub fn apply(&mut self, configs: &[(String, String)]) -> Result<(), String> {
+        for (k, v) in configs {
+            let int = |v: &str| -> Result<i64, String> {
+                v.trim()
+                    .parse::<i64>()
+                    .map_err(|_| format!("{k}: {v:?} is not an integer"))
+            };
+            match k.as_str() {
+                keys::RETENTION_MS => self.retention_ms = at_least(k, int(v)?, -1)?,
+                keys::RETENTION_BYTES => self.retention_bytes = at_least(k, int(v)?, -1)?,
+                keys::SEGMENT_BYTES => {
+                    self.segment_bytes = within(k, int(v)?, 1024, 1 << 31)? as u64;
+                }
+                keys::SEGMENT_MS => self.segment_ms = at_least(k, int(v)?, 1)?,
+                keys::FLUSH_POLICY => {
+                    self.flush_policy = match v.as_str() {
+                        "batch" => FlushPolicy::Batch,
+                        "interval" => FlushPolicy::Interval,
+                        other => {
+                            return Err(format!(
+                                "{k}: {other:?} is not a policy; expected batch or interval"
+                            ));
+                        }
+                    }
+                }
+                keys::FLUSH_INTERVAL_MS => {
+                    self.flush_interval_ms = within(k, int(v)?, 1, 3_600_000)? as u64;
+                }
+                keys::MAX_RECORD_BYTES => {
+                    self.max_record_bytes =
+                        within(k, int(v)?, 1, MAX_RECORD_BYTES_CEILING as i64)? as u64;
+                }
+                other => {
+                    return Err(format!(
+                        "unknown setting {other:?}; known: {}",
+                        keys::ALL.join(", ")
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every setting as string pairs, in documentation order.
+    pub fn to_pairs(&self) -> Vec<(String, String)> {
+        let policy = match self.flush_policy {
+            FlushPolicy::Batch => "batch",
+            FlushPolicy::Interval => "interval",
+        };
+        let pairs: BTreeMap<&str, String> = [
+            (keys::RETENTION_MS, self.retention_ms.to_string()),
+            (keys::RETENTION_BYTES, self.retention_bytes.to_string()),
+            (keys::SEGMENT_BYTES, self.segment_bytes.to_string()),
+            (keys::SEGMENT_MS, self.segment_ms.to_string()),
+            (keys::FLUSH_POLICY, policy.to_string()),
+            (keys::FLUSH_INTERVAL_MS, self.flush_interval_ms.to_string()),
+            (keys::MAX_RECORD_BYTES, self.max_record_bytes.to_string()),
+        ]
+        .into_iter()
+        .collect();
+        keys::ALL
+            .iter()
+            .filter_map(|k| pairs.get(k).map(|v| ((*k).to_string(), v.clone())))
+            .collect()
+    }
+
+    /// The log configuration for one partition of this topic.
+    pub fn log_config(&self) -> LogConfig {
+        LogConfig {
+            segment_bytes: self.segment_bytes,
+            segment_ms: self.segment_ms,
+            retention_ms: (self.retention_ms >= 0).then_some(self.retention_ms),
+            retention_bytes: u64::try_from(self.retention_bytes).ok(),
+            ..LogConfig::default()
+        }
+    }
+}
+
+fn at_least(k: &str, v: i64, min: i64) -> Result<i64, String> {
+    if v < min {
+        return Err(format!("{k}: {v} is below the minimum of {min}"));
+    }
+    Ok(v)
+}
+
+fn within(k: &str, v: i64, min: i64, max: i64) -> Result<i64, String> {
+    if v < min || v > max {
+        return Err(format!("{k}: {v} is outside {min}..={max}"));
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(p: &[(&str, &str)]) -> Vec<(String, String)> {
+        p.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn apply_and_render() {
+        let mut c = TopicConfig::defaults(3);
+        c.apply(&pairs(&[
+            ("retention.ms", "60000"),
+            ("flush.policy", "batch"),
+            ("max.record.bytes", "2097152"),
+        ]))
+        .unwrap();
+        assert_eq!(c.retention_ms, 60_000);
+        assert_eq!(c.flush_policy, FlushPolicy::Batch);
+        let rendered = c.to_pairs();
+        assert_eq!(rendered.len(), keys::ALL.len());
+        let mut back = TopicConfig::defaults(3);
+        back.apply(&rendered).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn bad_settings_are_refused() {
+        let mut c = TopicConfig::defaults(1);
+        for bad in [
+            ("retention.ms", "soon"),
+            ("retention.ms", "-5"),
+            ("segment.bytes", "10"),
+            ("flush.policy", "sometimes"),
+            ("max.record.bytes", "999999999999"),
+            ("colour", "blue"),
+        ] {
+            assert!(c.apply(&pairs(&[bad])).is_err(), "{bad:?} accepted");
+        }
+    }
+}

@@ -1,0 +1,430 @@
+//! The connection and request/response plumbing shared by admin, producer and consumer.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use quiver_proto::codec::Reader;
+use quiver_proto::frame::frame_prefix;
+use quiver_proto::messages::*;
+use quiver_proto::{ErrorCode, ResponseHeader};
+use quiver_transport::{ClientTrust, Connection, TransportError, TransportSettings};
+use tokio::sync::Mutex;
+
+/// How to reach a node.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// `host:port` of the node.
+    pub server: String,
+    /// CA certificate (PEM) that signed the node's certificate.
+    pub ca_file: PathBuf,
+    /// TLS server name; defaults to the host part of `server` (`localhost` for IP addresses).
+    pub server_name: Option<String>,
+    /// Longest wait for any response, ms (fetches add their own `max_wait_ms`).
+    pub request_timeout_ms: u64,
+    /// Largest response accepted, bytes.
+    pub response_bytes_max: usize,
+    /// Retries of requests that are safe to repeat (reads and metadata).
+    pub retries_max: u32,
+    /// First retry backoff, ms; doubles up to `retry_backoff_ms_max`.
+    pub retry_backoff_ms: u64,
+    /// Longest retry backoff, ms.
+    pub retry_backoff_ms_max: u64,
+    /// QUIC tuning.
+    pub transport: TransportSettings,
+}
+
+impl ClientConfig {
+    /// Defaults for `server`, trusting `ca_file`.
+    pub fn new(server: impl Into<String>, ca_file: impl Into<PathBuf>) -> Self {
+        Self {
+            server: server.into(),
+            ca_file: ca_file.into(),
+            server_name: None,
+            request_timeout_ms: 30_000,
+            response_bytes_max: 256 << 20,
+            retries_max: 5,
+            retry_backoff_ms: 100,
+            retry_backoff_ms_max: 2_000,
+            transport: TransportSettings::default(),
+        }
+    }
+}
+
+/// A client-side failure.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClientError {
+    /// The connection failed or was lost.
+    #[error("transport: {0}")]
+    Transport(String),
+    /// No response within the request timeout.
+    #[error("request timed out after {0} ms")]
+    Timeout(u64),
+    /// The server answered with an error.
+    #[error("{code}: {message}")]
+    Server {
+        /// Protocol code.
+        code: ErrorCode,
+        /// Server's message.
+        message: String,
+    },
+    /// The server's response could not be decoded.
+    #[error("malformed response: {0}")]
+    Protocol(String),
+    /// Invalid client-side input or configuration.
+    #[error("{0}")]
+    Config(String),
+    /// The client was closed.
+    #[error("client closed")]
+    Closed,
+}
+
+impl ClientError {
+    /// The protocol error code, when the server sent one.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Server { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// Whether repeating the request may succeed.
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            ClientError::Transport(_) | ClientError::Timeout(_) => true,
+            ClientError::Server { code, .. } => code.is_retriable(),
+            _ => false,
+        }
+    }
+
+    pub(crate) fn server(status: &Status) -> Self {
+        ClientError::Server {
+            code: status.code,
+            message: status.message.clone(),
+        }
+    }
+}
+
+impl From<TransportError> for ClientError {
+    fn from(e: TransportError) -> Self {
+        ClientError::Transport(e.to_string())
+    }
+}
+
+struct Inner {
+    config: ClientConfig,
+    endpoint: quiver_transport::Client,
+    conn: Mutex<Option<Connection>>,
+    next_id: AtomicU64,
+}
+
+/// A cloneable handle to one QUIC connection (re-established on demand after a loss).
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("server", &self.inner.config.server)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// Connects (TLS 1.3, ALPN `quiver/1`) and checks the server answers.
+    pub async fn connect(config: ClientConfig) -> Result<Self, ClientError> {
+        let trust = ClientTrust::from_ca_file(&config.ca_file).map_err(|e| {
+            ClientError::Config(format!("ca file {}: {e}", config.ca_file.display()))
+        })?;
+        let endpoint = quiver_transport::Client::new(
+            &trust,
+            quiver_transport::ALPN_CLIENT,
+            &config.transport,
+        )?;
+        let client = Self {
+            inner: Arc::new(Inner {
+                config,
+                endpoint,
+                conn: Mutex::new(None),
+                next_id: AtomicU64::new(1),
+            }),
+        };
+        client.connection().await?;
+        Ok(client)
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &ClientConfig {
+        &self.inner.config
+    }
+
+    async fn connection(&self) -> Result<Connection, ClientError> {
+        let mut slot = self.inner.conn.lock().await;
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        let cfg = &self.inner.config;
+        let conn = self
+            .inner
+            .endpoint
+            .connect(&cfg.server, cfg.server_name.as_deref())
+            .await
+            .map_err(|e| ClientError::Transport(format!("cannot reach {}: {e}", cfg.server)))?;
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    async fn forget_connection(&self, failed: &Connection) {
+        let mut slot = self.inner.conn.lock().await;
+        if slot.as_ref().map(Connection::id) == Some(failed.id()) {
+            *slot = None;
+        }
+    }
+
+    /// Sends one request and waits for its response, once (no retry).
+    pub async fn request_once<Req: Message, Resp: Message>(
+        &self,
+        req: &Req,
+        extra_wait_ms: u64,
+    ) -> Result<Resp, ClientError> {
+        let conn = self.connection().await?;
+        let result = self.exchange::<Req, Resp>(&conn, req, extra_wait_ms).await;
+        if matches!(result, Err(ClientError::Transport(_))) {
+            self.forget_connection(&conn).await;
+        }
+        result
+    }
+
+    async fn exchange<Req: Message, Resp: Message>(
+        &self,
+        conn: &Connection,
+        req: &Req,
+        extra_wait_ms: u64,
+    ) -> Result<Resp, ClientError> {
+        let timeout_ms = self.inner.config.request_timeout_ms + extra_wait_ms;
+        let work = async {
+            let (mut send, mut recv) = conn.open_bi().await?;
+            let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+            let body = req.to_bytes();
+            let mut chunks = [frame_prefix(Req::API.code(), 1, id, body.len()), body];
+            send.write_chunks(&mut chunks).await?;
+            send.finish()?;
+            let frame = recv
+                .read_to_end(self.inner.config.response_bytes_max)
+                .await?;
+            Ok::<Bytes, ClientError>(frame)
+        };
+        let frame = tokio::time::timeout(Duration::from_millis(timeout_ms), work)
+            .await
+            .map_err(|_| ClientError::Timeout(timeout_ms))??;
+        decode_response(frame)
+    }
+
+    /// Sends a request whose server answers nothing (produce with `acks = none`): writes it
+    /// and finishes the stream without waiting.
+    pub async fn send_without_response<Req: Message>(&self, req: &Req) -> Result<(), ClientError> {
+        let conn = self.connection().await?;
+        let work = async {
+            let (mut send, mut recv) = conn.open_bi().await?;
+            let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+            let body = req.to_bytes();
+            let mut chunks = [frame_prefix(Req::API.code(), 1, id, body.len()), body];
+            send.write_chunks(&mut chunks).await?;
+            send.finish()?;
+            recv.stop(0);
+            Ok::<(), ClientError>(())
+        };
+        let result = work.await;
+        if matches!(result, Err(ClientError::Transport(_))) {
+            self.forget_connection(&conn).await;
+        }
+        result
+    }
+
+    /// Sends a request that is safe to repeat, retrying transport failures and retriable
+    /// server errors with bounded exponential backoff.
+    pub async fn request<Req: Message, Resp: Message>(
+        &self,
+        req: &Req,
+        extra_wait_ms: u64,
+    ) -> Result<Resp, ClientError> {
+        let cfg = &self.inner.config;
+        let mut backoff = cfg.retry_backoff_ms;
+        let mut attempt = 0;
+        loop {
+            match self.request_once(req, extra_wait_ms).await {
+                Err(e) if e.is_retriable() && attempt < cfg.retries_max => {
+                    attempt += 1;
+                    tracing::debug!(error = %e, attempt, "retrying request");
+                    tokio::time::sleep(Duration::from_millis(backoff)).await;
+                    backoff = (backoff * 2).min(cfg.retry_backoff_ms_max);
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Opens a raw stream for the transport probe (`quiver perf transport`).
+    pub async fn open_raw(
+        &self,
+    ) -> Result<(quiver_transport::SendStream, quiver_transport::RecvStream), ClientError> {
+        let conn = self.connection().await?;
+        Ok(conn.open_bi().await?)
+    }
+
+    /// The server's supported APIs.
+    pub async fn api_versions(&self) -> Result<ApiVersionsResponse, ClientError> {
+        self.request(&ApiVersionsRequest, 0).await
+    }
+
+    /// Brokers and partition layout of `topics` (all when `None`).
+    pub async fn metadata(
+        &self,
+        topics: Option<Vec<String>>,
+    ) -> Result<MetadataResponse, ClientError> {
+        self.request(&MetadataRequest { topics }, 0).await
+    }
+
+    /// Number of partitions of `topic`.
+    pub async fn partition_count(&self, topic: &str) -> Result<u32, ClientError> {
+        let m = self.metadata(Some(vec![topic.to_string()])).await?;
+        let t = m
+            .topics
+            .into_iter()
+            .next()
+            .ok_or_else(|| ClientError::Protocol("metadata without the topic".into()))?;
+        if !t.status.is_ok() {
+            return Err(ClientError::server(&t.status));
+        }
+        Ok(t.partitions.len() as u32)
+    }
+
+    /// Creates a topic. Settings are `key=value` pairs (see PROTOCOL.md).
+    pub async fn create_topic(
+        &self,
+        name: &str,
+        partitions: u32,
+        configs: &[(String, String)],
+    ) -> Result<(), ClientError> {
+        // Not retried: a lost response would turn into `topic_already_exists`.
+        let r: CreateTopicsResponse = self
+            .request_once(
+                &CreateTopicsRequest {
+                    topics: vec![NewTopic {
+                        name: name.to_string(),
+                        partitions,
+                        configs: configs.to_vec(),
+                    }],
+                },
+                0,
+            )
+            .await?;
+        first_result(r.results)
+    }
+
+    /// Deletes a topic and its data.
+    pub async fn delete_topic(&self, name: &str) -> Result<(), ClientError> {
+        let r: DeleteTopicsResponse = self
+            .request_once(
+                &DeleteTopicsRequest {
+                    names: vec![name.to_string()],
+                },
+                0,
+            )
+            .await?;
+        first_result(r.results)
+    }
+
+    /// Every topic.
+    pub async fn list_topics(&self) -> Result<Vec<TopicListing>, ClientError> {
+        let r: ListTopicsResponse = self.request(&ListTopicsRequest, 0).await?;
+        Ok(r.topics)
+    }
+
+    /// Settings and offsets of a topic.
+    pub async fn describe_topic(&self, name: &str) -> Result<TopicDescription, ClientError> {
+        let r: DescribeTopicsResponse = self
+            .request(
+                &DescribeTopicsRequest {
+                    names: vec![name.to_string()],
+                },
+                0,
+            )
+            .await?;
+        let t = r
+            .topics
+            .into_iter()
+            .next()
+            .ok_or_else(|| ClientError::Protocol("empty describe response".into()))?;
+        if !t.status.is_ok() {
+            return Err(ClientError::server(&t.status));
+        }
+        Ok(t)
+    }
+
+    /// Looks up one partition's offset: [`EARLIEST_TIMESTAMP`], [`LATEST_TIMESTAMP`] or a time
+    /// in ms. `Ok(None)` when no record is at or after that time.
+    pub async fn list_offset(
+        &self,
+        topic: &str,
+        partition: u32,
+        timestamp: i64,
+    ) -> Result<Option<u64>, ClientError> {
+        let r: ListOffsetsResponse = self
+            .request(
+                &ListOffsetsRequest {
+                    topics: vec![ListOffsetsTopic {
+                        name: topic.to_string(),
+                        partitions: vec![ListOffsetsPartition {
+                            partition,
+                            timestamp,
+                        }],
+                    }],
+                },
+                0,
+            )
+            .await?;
+        let p = r
+            .topics
+            .into_iter()
+            .flat_map(|t| t.partitions)
+            .next()
+            .ok_or_else(|| ClientError::Protocol("empty list-offsets response".into()))?;
+        if !p.status.is_ok() {
+            return Err(ClientError::server(&p.status));
+        }
+        Ok(u64::try_from(p.offset).ok())
+    }
+}
+
+fn first_result(results: Vec<TopicResult>) -> Result<(), ClientError> {
+    let r = results
+        .into_iter()
+        .next()
+        .ok_or_else(|| ClientError::Protocol("empty result list".into()))?;
+    if r.status.is_ok() {
+        Ok(())
+    } else {
+        Err(ClientError::server(&r.status))
+    }
+}
+
+/// Splits a response frame, turning a request-level error into [`ClientError::Server`].
+pub(crate) fn decode_response<Resp: Message>(frame: Bytes) -> Result<Resp, ClientError> {
+    let (header, body) =
+        ResponseHeader::decode(frame).map_err(|e| ClientError::Protocol(e.to_string()))?;
+    if header.error != 0 {
+        let message = Reader::new(body)
+            .string("message")
+            .unwrap_or_else(|_| "(no message)".into());
+        return Err(ClientError::Server {
+            code: ErrorCode::from_code(header.error),
+            message,
+        });
+    }
+    Resp::from_bytes(body).map_err(|e| ClientError::Protocol(e.to_string()))
+}
