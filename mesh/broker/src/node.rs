@@ -170,8 +170,9 @@ async fn retention_loop(shared: Arc<Shared>, every: Duration) {
 
 async fn accept_loop(shared: Arc<Shared>, server: Arc<Server>) {
     while let Some(conn) = server.accept().await {
-        let shared2 = shared.clone();
-        shared.requests.spawn(serve_connection(shared2, conn));
+        // Connections are not tracked: they end when QUIC closes them at the end of shutdown.
+        // Only requests are waited for.
+        tokio::spawn(serve_connection(shared.clone(), conn));
     }
 }
 

@@ -1,0 +1,276 @@
+//! The `quiver` binary as a user runs it: a server child process, client commands as further
+//! child processes, and the exit codes and messages of bad input.
+//!
+//! How and why: the server is started with `--listen 127.0.0.1:0` and prints its address on
+//! stdout, which the test reads, so tests never fight over ports. The server is stopped with
+//! SIGTERM to exercise graceful shutdown, then restarted on the same data directory.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const QUIVER: &str = env!("CARGO_BIN_EXE_quiver");
+
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Server {
+    fn start(data: &Path) -> Server {
+        let mut child = Command::new(QUIVER)
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn server");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("quiver listening on ") {
+                    let _ = tx.send(addr.to_string());
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("server printed its address");
+        Server { child, addr }
+    }
+
+    /// SIGTERM, then wait (bounded) for a clean exit.
+    fn stop(mut self) {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(status.success(), "server exited with {status}");
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server did not stop after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn quiver(server: &str, ca: &Path, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(QUIVER)
+        .args(args)
+        .env("QUIVER_SERVER", server)
+        .env("QUIVER_CA", ca)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    if let Some(s) = stdin {
+        input.write_all(s.as_bytes()).unwrap();
+    }
+    drop(input);
+    child.wait_with_output().unwrap()
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "command failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+fn fails_with(out: &Output, needle: &str) {
+    assert!(!out.status.success(), "command unexpectedly succeeded");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(needle), "stderr {err:?} lacks {needle:?}");
+}
+
+#[test]
+fn produce_consume_restart_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let ca = data.join("tls/ca.pem");
+    let server = Server::start(&data);
+    let q = |args: &[&str], stdin: Option<&str>| quiver(&server.addr, &ca, args, stdin);
+
+    ok(&q(
+        &[
+            "topic",
+            "create",
+            "orders",
+            "--partitions",
+            "3",
+            "--retention-ms",
+            "86400000",
+        ],
+        None,
+    ));
+    assert!(ok(&q(&["topic", "list"], None)).contains("orders\t3 partition(s)"));
+    let described = ok(&q(&["topic", "describe", "orders"], None));
+    assert!(described.contains("retention.ms = 86400000"), "{described}");
+
+    let lines: String = (0..500)
+        .map(|i| format!("user{}:order {i}\n", i % 7))
+        .collect();
+    let out = q(
+        &[
+            "produce",
+            "orders",
+            "--key-separator",
+            ":",
+            "--header",
+            "src=test",
+        ],
+        Some(&lines),
+    );
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("produced 500 record(s)"));
+
+    let json = ok(&q(
+        &["consume", "orders", "--from-beginning", "--format", "json"],
+        None,
+    ));
+    let records: Vec<serde_json::Value> = json
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.len(), 500);
+    // Per key, values keep their order, and every key lives in one partition.
+    let mut by_key: std::collections::BTreeMap<String, (u64, Vec<u64>)> = Default::default();
+    for r in &records {
+        assert_eq!(r["headers"]["src"], "test");
+        let key = r["key"].as_str().unwrap().to_string();
+        let n: u64 = r["value"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("order ")
+            .parse()
+            .unwrap();
+        let e = by_key
+            .entry(key)
+            .or_insert((r["partition"].as_u64().unwrap(), Vec::new()));
+        assert_eq!(e.0, r["partition"].as_u64().unwrap());
+        e.1.push(n);
+    }
+    for (_, (_, ns)) in by_key {
+        assert!(ns.windows(2).all(|w| w[0] < w[1]), "per-key order");
+    }
+
+    // Raw format, one partition, a bounded count, and an explicit offset.
+    let raw = ok(&q(
+        &[
+            "consume",
+            "orders",
+            "--partition",
+            "0",
+            "--offset",
+            "1",
+            "--max-records",
+            "2",
+        ],
+        None,
+    ));
+    assert_eq!(raw.lines().count(), 2);
+    // From a time in the future: nothing (and the command ends without --follow).
+    let none = ok(&q(
+        &["consume", "orders", "--from-time", "2999-01-01T00:00:00Z"],
+        None,
+    ));
+    assert!(none.is_empty());
+    // Default start is the end of the log: nothing old.
+    assert!(ok(&q(&["consume", "orders"], None)).is_empty());
+
+    server.stop();
+    let server = Server::start(&data);
+    let again = ok(&quiver(
+        &server.addr,
+        &ca,
+        &["consume", "orders", "--from-beginning"],
+        None,
+    ));
+    assert_eq!(
+        again.lines().count(),
+        500,
+        "everything is back after a restart"
+    );
+    ok(&quiver(
+        &server.addr,
+        &ca,
+        &["topic", "delete", "orders"],
+        None,
+    ));
+    fails_with(
+        &quiver(&server.addr, &ca, &["topic", "describe", "orders"], None),
+        "unknown_topic_or_partition",
+    );
+    server.stop();
+}
+
+#[test]
+fn bad_arguments_and_unreachable_servers_fail_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let ca = data.join("tls/ca.pem");
+    let server = Server::start(&data);
+    let q = |args: &[&str]| quiver(&server.addr, &ca, args, None);
+
+    fails_with(
+        &q(&["topic", "create", "x", "--partitions", "many"]),
+        "invalid value",
+    );
+    fails_with(&q(&["topic", "create", "bad name!"]), "invalid_topic");
+    fails_with(
+        &q(&["topic", "create", "x", "--config", "colour=blue"]),
+        "unknown setting",
+    );
+    fails_with(&q(&["consume", "missing"]), "unknown_topic_or_partition");
+    fails_with(&q(&["produce", "missing"]), "unknown_topic_or_partition");
+    fails_with(
+        &q(&["consume", "x", "--from-time", "yesterday"]),
+        "RFC 3339",
+    );
+    fails_with(
+        &q(&["consume", "x", "--from-beginning", "--offset", "3"]),
+        "cannot be used with",
+    );
+    fails_with(&q(&["frobnicate"]), "unrecognized subcommand");
+    // A CA file that does not exist.
+    fails_with(
+        &quiver(
+            &server.addr,
+            &dir.path().join("nope.pem"),
+            &["topic", "list"],
+            None,
+        ),
+        "not found",
+    );
+    // Nobody listening: a clear error within the connect timeout, not a hang.
+    let started = Instant::now();
+    fails_with(
+        &quiver(
+            "127.0.0.1:9",
+            &ca,
+            &["topic", "list", "--connect-timeout-ms", "1500"],
+            None,
+        ),
+        "cannot connect to 127.0.0.1:9",
+    );
+    assert!(started.elapsed() < Duration::from_secs(30));
+    server.stop();
+}
