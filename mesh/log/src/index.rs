@@ -82,7 +82,8 @@ impl Indexes {
         rel_offset_end: u64,
         log_bytes: u64,
     ) -> Option<Self> {
-        if offset_bytes.len() % OFFSET_ENTRY_BYTES != 0 || time_bytes.len() % TIME_ENTRY_BYTES != 0
+        if !offset_bytes.len().is_multiple_of(OFFSET_ENTRY_BYTES)
+            || !time_bytes.len().is_multiple_of(TIME_ENTRY_BYTES)
         {
             return None;
         }
@@ -187,24 +188,31 @@ impl IndexBuilder {
         added
     }
 
-    /// Adds the final time entry of a segment being sealed, if its max timestamp is not yet the
-    /// last entry. Idempotent.
-    pub(crate) fn seal(&mut self, idx: &mut Indexes) -> Option<TimeEntry> {
+    /// The final time entry of a segment being sealed: its largest timestamp, unless that is
+    /// already the last entry.
+    pub(crate) fn final_time_entry(&self, idx: &Indexes) -> Option<TimeEntry> {
         let max = self.max_timestamp?;
-        self.push_time(idx, max, self.last_rel_offset)
+        grows(idx, max).then_some(TimeEntry {
+            timestamp_ms: max,
+            rel_offset: self.last_rel_offset,
+        })
     }
 
     fn push_time(&self, idx: &mut Indexes, ts: i64, rel_offset: u32) -> Option<TimeEntry> {
-        if idx.times.last().is_some_and(|e| e.timestamp_ms >= ts) {
-            return None;
-        }
         let e = TimeEntry {
             timestamp_ms: ts,
             rel_offset,
         };
-        idx.times.push(e);
-        Some(e)
+        grows(idx, ts).then(|| {
+            idx.times.push(e);
+            e
+        })
     }
+}
+
+/// Whether `ts` is above the last time entry (time entries strictly increase).
+fn grows(idx: &Indexes, ts: i64) -> bool {
+    idx.times.last().is_none_or(|e| e.timestamp_ms < ts)
 }
 
 #[cfg(test)]
@@ -219,7 +227,7 @@ mod tests {
             b.on_batch(&mut idx, i as u32 * 10, i as u64 * 100, 100, *ts);
         }
         if seal {
-            b.seal(&mut idx);
+            idx.times.extend(b.final_time_entry(&idx));
         }
         idx
     }

@@ -39,8 +39,9 @@
 //! The single writer (`&mut PartitionLog`) only appends whole batches at the end of the active
 //! segment, rolls to a new active segment, and deletes whole segments from the front. Readers
 //! (`&PartitionLog`, e.g. behind an `RwLock`) use positional reads, see only whole batches below
-//! the log end offset, and check every batch's CRC before returning it: a batch that fails is a
-//! [`LogError::Corrupt`], never bytes. Indexes are hints: a lookup always confirms the batch it
+//! the log end offset, and check every batch's CRC before returning it. A batch that fails is
+//! never returned: a read stops before it, and a read that starts at it is a
+//! [`LogError::Corrupt`]. Indexes are hints: a lookup always confirms the batch it
 //! lands on, and falls back to scanning the segment when an index leads astray.
 //!
 //! # Durability
@@ -58,6 +59,15 @@
 //! - [`PartitionLog::delete`] renames the directory to `<dir>.deleted`, fsyncs the parent,
 //!   removes it and fsyncs the parent again. The owner of the parent directory removes any
 //!   `*.deleted` directory it finds at startup.
+//!
+//! # Limits
+//!
+//! - A segment stays below [`SEGMENT_BYTES_MAX`] (2 GiB) and spans at most 2^32 offsets; the log
+//!   rolls before either would be exceeded. A batch larger than `SEGMENT_BYTES_MAX` is refused.
+//! - Both indexes of every segment are held in memory: 8 bytes per `index_interval_bytes` of log
+//!   plus at most 12 bytes per time entry, about 0.5% of the log size at the default interval.
+//! - Scans read 1 MiB at a time (a larger batch is read whole); a fetch holds at most
+//!   `max_bytes`, or the one batch at its start.
 //!
 //! # Recovery (on open)
 //!

@@ -11,7 +11,7 @@ use quiver_proto::batch::{set_base_offset, set_leader_epoch};
 use quiver_proto::{BatchError, BatchHeader, BatchView};
 
 use crate::error::{LogError, io_err};
-use crate::index::{IndexBuilder, Indexes};
+use crate::index::{IndexBuilder, Indexes, OffsetEntry, TimeEntry};
 use crate::segment::{
     INDEX_EXT, LOG_EXT, Scanned, Scanner, Segment, TIME_INDEX_EXT, last_offset, parse_segment_name,
     segment_path,
@@ -130,6 +130,24 @@ impl ActiveWriter {
             builder,
             first_append_ms: None,
         })
+    }
+
+    /// Appends new index entries (buffered).
+    fn write_entries(
+        &mut self,
+        (offset, time): (Option<OffsetEntry>, Option<TimeEntry>),
+    ) -> Result<(), LogError> {
+        if let Some(e) = offset {
+            self.index_file
+                .write_all(&e.encode())
+                .map_err(io_err("write", &self.index_path))?;
+        }
+        if let Some(e) = time {
+            self.time_file
+                .write_all(&e.encode())
+                .map_err(io_err("write", &self.time_path))?;
+        }
+        Ok(())
     }
 
     /// Hands buffered entries to the OS; with `sync`, also makes them durable.
@@ -272,17 +290,11 @@ impl PartitionLog {
                 .builder
                 .on_batch(&mut seg.indexes, rel, position, bytes, h.max_timestamp);
         seg.max_timestamp = self.writer.builder.max_timestamp();
-        if let Some(e) = added.0 {
-            let w = &mut self.writer;
-            w.index_file
-                .write_all(&e.encode())
-                .map_err(io_err("write", &w.index_path))?;
-        }
-        if let Some(e) = added.1 {
-            let w = &mut self.writer;
-            w.time_file
-                .write_all(&e.encode())
-                .map_err(io_err("write", &w.time_path))?;
+        // The batch is in the log now, so the append has happened: a failed index write must not
+        // report otherwise. The index is a hint; recovery rebuilds it, and a persistent failure
+        // surfaces at the next roll, which syncs the index files before anything else.
+        if let Err(e) = self.writer.write_entries(added) {
+            tracing::warn!(error = %e, "could not write index entries");
         }
         Ok(AppendInfo {
             base_offset,
@@ -339,7 +351,9 @@ impl PartitionLog {
     /// Whole batches starting with the batch that contains `offset`, in order, crossing
     /// segments: at most `max_bytes` in total unless the first batch alone is larger (then
     /// exactly that batch, so consumers always progress), and only batches whose last offset
-    /// is below `upto` (the high watermark, exclusive). Every batch's CRC is checked first.
+    /// is below `upto` (the high watermark, exclusive). Every batch's CRC is checked first: a
+    /// corrupt first batch is [`LogError::Corrupt`]; a later one ends the result before it, so
+    /// the next read, starting there, reports it.
     ///
     /// Empty when `offset` is the log end offset or `>= upto`;
     /// [`LogError::OffsetOutOfRange`] when it is outside `[log start, log end]`.
@@ -362,18 +376,25 @@ impl PartitionLog {
                 position = 0;
                 continue;
             }
-            let (h, last) = seg.read_header(position)?;
-            if expected.is_some_and(|e| e != h.base_offset) {
-                return Err(seg.corrupt(
-                    position,
-                    format!("offsets not contiguous: found {}", h.base_offset),
-                ));
-            }
-            let total = h.total_bytes();
+            let header = seg
+                .read_header(position)
+                .and_then(|(h, last)| match expected {
+                    Some(e) if e != h.base_offset => Err(seg.corrupt(
+                        position,
+                        format!("expected a batch at offset {e}, found {}", h.base_offset),
+                    )),
+                    _ => Ok((h.total_bytes(), last)),
+                });
+            let (total, last) = match header {
+                Ok(found) => found,
+                Err(e) => return serve_prefix(e, out),
+            };
             if last >= upto || (!out.is_empty() && out.len() + total > max_bytes) {
                 break;
             }
-            seg.read_batch_into(position, total, &mut out)?;
+            if let Err(e) = seg.read_batch_into(position, total, &mut out) {
+                return serve_prefix(e, out);
+            }
             expected = Some(last + 1);
             position += total as u64;
         }
@@ -385,7 +406,7 @@ impl PartitionLog {
     /// segment, jumps with the time index, then decodes the one batch that holds the answer.
     pub fn offset_for_timestamp(&self, ts_ms: i64) -> Result<Option<(u64, i64)>, LogError> {
         for seg in self.segments() {
-            if !seg.max_timestamp.is_some_and(|m| m >= ts_ms) {
+            if seg.max_timestamp.is_none_or(|m| m < ts_ms) {
                 continue;
             }
             let rel = seg.indexes.time_floor(ts_ms);
@@ -494,11 +515,9 @@ impl PartitionLog {
     /// at the log end offset.
     fn roll(&mut self) -> Result<(), LogError> {
         let new_base = self.log_end_offset;
-        if let Some(e) = self.writer.builder.seal(&mut self.active.indexes) {
-            let w = &mut self.writer;
-            w.time_file
-                .write_all(&e.encode())
-                .map_err(io_err("write", &w.time_path))?;
+        if let Some(e) = self.writer.builder.final_time_entry(&self.active.indexes) {
+            self.writer.write_entries((None, Some(e)))?;
+            self.active.indexes.times.push(e);
         }
         self.writer.flush(true)?;
         self.active
@@ -629,7 +648,8 @@ fn load_sealed(
                 // Reads that reach this point report it; the batches before it stay readable.
                 tracing::warn!(segment = %path.display(), position, why, "unreadable batch in sealed segment");
             }
-            scan.builder.seal(&mut scan.indexes);
+            let last_entry = scan.builder.final_time_entry(&scan.indexes);
+            scan.indexes.times.extend(last_entry);
             write_indexes(&index_path, &time_path, &scan.indexes)?;
             scan.indexes
         }
@@ -777,6 +797,18 @@ fn check_batch(
         ));
     }
     Ok((h, last))
+}
+
+/// After a read failed with `e`: the whole batches already in `out` if the failure is corrupt
+/// data after them (the reader gets what is good, and the error when it reads on), else `e`.
+fn serve_prefix(e: LogError, out: BytesMut) -> Result<Bytes, LogError> {
+    match e {
+        LogError::Corrupt { .. } if !out.is_empty() => {
+            tracing::warn!(error = %e, "stopping a read before corrupt data");
+            Ok(out.freeze())
+        }
+        e => Err(e),
+    }
 }
 
 fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, LogError> {

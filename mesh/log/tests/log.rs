@@ -238,6 +238,24 @@ fn retention_by_time_deletes_expired_prefix_and_rolls_an_expired_active_segment(
 }
 
 #[test]
+fn retention_by_time_keeps_a_segment_whose_newest_record_is_exactly_at_the_cutoff() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = open(
+        dir.path(),
+        LogConfig {
+            retention_ms: Some(1000),
+            ..small_config(1)
+        },
+    );
+    for ts in [100, 200, 300] {
+        log.append(&mut single(0, 1, ts), 0, 0).unwrap();
+    }
+    assert_eq!(log.segment_count(), 3);
+    let r = log.enforce_retention(1200).unwrap();
+    assert_eq!((r.segments_deleted, r.log_start_offset), (1, 1));
+}
+
+#[test]
 fn retention_by_bytes_keeps_at_most_the_limit_but_never_the_active_segment() {
     let dir = tempfile::tempdir().unwrap();
     let mut log = open(
@@ -252,6 +270,22 @@ fn retention_by_bytes_keeps_at_most_the_limit_but_never_the_active_segment() {
     assert!(r.segments_deleted > 0);
     assert!(log.size_bytes() <= 1500);
     assert!(log.size_bytes() + r.bytes_deleted > 1500);
+    // Exactly at the limit is not over it.
+    drop(log);
+    let sizes: Vec<u64> = files(dir.path(), "log")
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .collect();
+    let keep: u64 = sizes[sizes.len() - 2..].iter().sum();
+    let mut log = open(
+        dir.path(),
+        LogConfig {
+            retention_bytes: Some(keep),
+            ..small_config(700)
+        },
+    );
+    log.enforce_retention(0).unwrap();
+    assert_eq!((log.segment_count(), log.size_bytes()), (2, keep));
     let mut log = {
         drop(log);
         open(

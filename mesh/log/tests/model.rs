@@ -1,7 +1,7 @@
 //! The log against an in-memory model, with proptest.
 //!
 //! How: a random sequence of operations (append, flush, reopen, read, time lookup, retention,
-//! with the clock moving forward) runs against a real log with tiny segments, so it rolls, indexes
+//! with the clock moving forward) runs against a real log with tiny segments (512 bytes to 2 KiB), so it rolls, indexes
 //! and deletes often, and against [`Model`]: a list of the batches that should be in the log
 //! and the segment boundaries the rolling rules imply. After every operation the offsets, sizes
 //! and segment count must agree; reads must return exactly the model's bytes and records; time
@@ -41,33 +41,42 @@ enum Op {
     },
 }
 
+/// Times are whole multiples of 100 ms so that boundaries (exactly `segment_ms` old, exactly at
+/// the retention cutoff) come up often.
+fn ms(hundreds: std::ops::Range<i64>) -> impl Strategy<Value = i64> {
+    hundreds.prop_map(|h| h * 100)
+}
+
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        6 => (prop::collection::vec((0usize..300, -3000i64..500), 1..5), 0i64..300)
+        6 => (prop::collection::vec((0usize..300, ms(-30..5)), 1..5), ms(0..3))
             .prop_map(|(records, dt_ms)| Op::Append { records, dt_ms }),
         1 => Just(Op::Flush),
-        1 => (0i64..2000).prop_map(|dt_ms| Op::Reopen { dt_ms }),
+        1 => ms(0..20).prop_map(|dt_ms| Op::Reopen { dt_ms }),
         3 => (any::<u64>(), 0usize..2000, prop::option::of(any::<u64>()))
             .prop_map(|(offset_pick, max_bytes, upto_pick)| Op::Read { offset_pick, max_bytes, upto_pick }),
-        2 => (-6000i64..1000).prop_map(|ts_delta_ms| Op::OffsetForTimestamp { ts_delta_ms }),
-        1 => (0i64..5000).prop_map(|dt_ms| Op::EnforceRetention { dt_ms }),
+        2 => ms(-60..10).prop_map(|ts_delta_ms| Op::OffsetForTimestamp { ts_delta_ms }),
+        1 => ms(0..50).prop_map(|dt_ms| Op::EnforceRetention { dt_ms }),
     ]
 }
 
 fn config() -> impl Strategy<Value = LogConfig> {
     (
+        prop_oneof![Just(512u64), Just(1024), Just(2048)],
         0u32..200,
-        500i64..5000,
-        prop::option::of(2000i64..20_000),
+        ms(5..50),
+        prop::option::of(ms(20..200)),
         prop::option::of(500u64..4000),
     )
         .prop_map(
-            |(index_interval_bytes, segment_ms, retention_ms, retention_bytes)| LogConfig {
-                segment_bytes: 512,
-                segment_ms,
-                retention_ms,
-                retention_bytes,
-                index_interval_bytes,
+            |(segment_bytes, index_interval_bytes, segment_ms, retention_ms, retention_bytes)| {
+                LogConfig {
+                    segment_bytes,
+                    segment_ms,
+                    retention_ms,
+                    retention_bytes,
+                    index_interval_bytes,
+                }
             },
         )
 }
@@ -325,7 +334,7 @@ fn run(config: LogConfig, ops: Vec<Op>) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
 
     #[test]
     fn log_matches_model(config in config(), ops in prop::collection::vec(op(), 1..60)) {

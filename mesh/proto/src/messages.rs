@@ -908,7 +908,8 @@ impl Message for FetchResponse {
 
 /// `timestamp` value asking for the earliest stored offset.
 pub const EARLIEST_TIMESTAMP: i64 = -2;
-/// `timestamp` value asking for the log end offset.
+/// `timestamp` value asking for the latest offset: the high watermark (the next offset a
+/// consumer can read up to).
 pub const LATEST_TIMESTAMP: i64 = -1;
 
 /// One partition to look up.

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Quick start: builds Quiver, starts a single node on 127.0.0.1:7400 with its data in
+# ./quiver-data, creates a topic, produces a few events, consumes them back, and stops the node.
+# Leave it running instead with: cargo run --release --bin quiver -- serve
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/setup.sh
+cargo build --release --bin quiver
+bin="${CARGO_TARGET_DIR:-target}/release/quiver"
+data="${QUIVER_DATA_DIR:-quiver-data}"
+
+"$bin" serve --data-dir "$data" --listen 127.0.0.1:7400 > quiver-serve.log 2>&1 &
+server=$!
+trap 'kill -TERM $server 2>/dev/null; wait $server 2>/dev/null || true' EXIT
+for _ in $(seq 1 100); do
+  grep -q "quiver listening" quiver-serve.log && break
+  sleep 0.1
+done
+export QUIVER_SERVER=127.0.0.1:7400 QUIVER_CA="$data/tls/ca.pem"
+
+"$bin" topic create quickstart --partitions 3 2>/dev/null || echo "(topic quickstart already exists)"
+"$bin" topic list
+printf 'alice:signed up\nbob:signed up\nalice:ordered coffee\nbob:ordered tea\nalice:paid\n' \
+  | "$bin" produce quickstart --key-separator : --header source=quickstart
+echo "--- consumed (JSON):"
+"$bin" consume quickstart --from-beginning --format json
+"$bin" topic describe quickstart
+echo "--- node log: quiver-serve.log; data: $data"
