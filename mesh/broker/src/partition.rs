@@ -239,6 +239,10 @@ impl Partition {
 /// The partition's write side: drains queued produces, appends them, fsyncs per the topic's
 /// policy, moves the high watermark and answers. Exits after `closing` once the queue is empty,
 /// with a final flush.
+///
+/// fsyncs never hold the log's lock: appends (interval policy) and reads go on while the disk
+/// works. Under the batch policy the appender waits for its group's fsync before taking the
+/// next group, so produces arriving meanwhile form the next group (group commit).
 async fn appender(
     log: Arc<RwLock<PartitionLog>>,
     high_watermark: watch::Sender<u64>,
@@ -252,16 +256,21 @@ async fn appender(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut dirty = false;
     let mut closed = false;
+    let mut background: Option<JoinHandle<()>> = None;
     loop {
         let first = tokio::select! {
             job = rx.recv() => match job {
                 Some(job) => job,
                 None => break,
             },
-            _ = tick.tick(), if !sync_each && dirty => {
-                if run_blocking(&log, |log| log.flush()).await.is_ok() {
-                    dirty = false;
-                }
+            _ = tick.tick(), if !sync_each && dirty && background.as_ref().is_none_or(|b| b.is_finished()) => {
+                dirty = false;
+                let log = log.clone();
+                background = Some(tokio::task::spawn_blocking(move || {
+                    if let Err(e) = flush_unlocked(&log) {
+                        tracing::error!(error = %e, "interval flush failed");
+                    }
+                }));
                 continue;
             }
             _ = closing.cancelled(), if !closed => {
@@ -291,30 +300,52 @@ async fn appender(
             }
         };
         if let Some(hw) = new_hw {
-            high_watermark.send_if_modified(|cur| {
-                let moved = hw > *cur;
-                if moved {
-                    *cur = hw;
-                }
-                moved
-            });
+            advance(&high_watermark, hw);
         }
         for (job, result) in jobs.into_iter().zip(results) {
             let _ = job.reply.send(result);
         }
         dirty |= !sync_each;
     }
-    if let Err(e) = run_blocking(&log, |log| log.flush()).await {
-        tracing::error!(error = %e, "final flush failed");
+    if let Some(b) = background {
+        let _ = b.await;
     }
-    let end = log.read().map(|l| l.durable_end_offset()).unwrap_or(0);
+    let final_log = log.clone();
+    match tokio::task::spawn_blocking(move || flush_unlocked(&final_log)).await {
+        Ok(Ok(end)) => advance(&high_watermark, end),
+        Ok(Err(e)) => tracing::error!(error = %e, "final flush failed"),
+        Err(e) => tracing::error!(error = %e, "final flush failed"),
+    }
+}
+
+fn advance(high_watermark: &watch::Sender<u64>, hw: u64) {
     high_watermark.send_if_modified(|cur| {
-        let moved = end > *cur;
+        let moved = hw > *cur;
         if moved {
-            *cur = end;
+            *cur = hw;
         }
         moved
     });
+}
+
+fn lock_poisoned() -> PartitionError {
+    PartitionError::new(ErrorCode::StorageError, "log lock poisoned")
+}
+
+/// Makes everything appended so far durable, holding the log's lock only to start and to
+/// record the flush. Returns the durable end offset.
+fn flush_unlocked(log: &RwLock<PartitionLog>) -> Result<u64, PartitionError> {
+    let pending = log.write().map_err(|_| lock_poisoned())?.begin_flush()?;
+    if let Some(p) = pending {
+        p.sync()?;
+        log.write()
+            .map_err(|_| lock_poisoned())?
+            .complete_flush(p.end_offset());
+    }
+    Ok(log
+        .read()
+        .map_err(|_| lock_poisoned())?
+        .durable_end_offset())
 }
 
 type GroupOutcome = (
@@ -325,60 +356,48 @@ type GroupOutcome = (
 
 fn append_group(log: &RwLock<PartitionLog>, jobs: Vec<AppendJob>, sync_each: bool) -> GroupOutcome {
     let mut jobs = jobs;
-    let Ok(mut log) = log.write() else {
-        let err = PartitionError::new(ErrorCode::StorageError, "log lock poisoned");
-        let results = jobs.iter().map(|_| Err(err.clone())).collect();
-        return (jobs, results, None);
-    };
-    let now = now_ms();
     let mut results = Vec::with_capacity(jobs.len());
-    for job in &mut jobs {
-        let mut base = None;
-        let mut failed = None;
-        for batch in &mut job.batches {
-            match log.append(batch, 0, now) {
-                Ok(info) => {
-                    base.get_or_insert(info.base_offset);
-                }
-                Err(e) => {
-                    failed = Some(PartitionError::from(e));
-                    break;
+    let log_end = {
+        let Ok(mut log) = log.write() else {
+            let err = lock_poisoned();
+            let results = jobs.iter().map(|_| Err(err.clone())).collect();
+            return (jobs, results, None);
+        };
+        let now = now_ms();
+        for job in &mut jobs {
+            let mut base = None;
+            let mut failed = None;
+            for batch in &mut job.batches {
+                match log.append(batch, 0, now) {
+                    Ok(info) => {
+                        base.get_or_insert(info.base_offset);
+                    }
+                    Err(e) => {
+                        failed = Some(PartitionError::from(e));
+                        break;
+                    }
                 }
             }
+            results.push(match (failed, base) {
+                (Some(e), _) => Err(e),
+                (None, Some(b)) => Ok(b),
+                (None, None) => Err(PartitionError::new(ErrorCode::InvalidBatch, "no batches")),
+            });
         }
-        results.push(match (failed, base) {
-            (Some(e), _) => Err(e),
-            (None, Some(b)) => Ok(b),
-            (None, None) => Err(PartitionError::new(ErrorCode::InvalidBatch, "no batches")),
-        });
-    }
-    if sync_each && let Err(e) = log.flush() {
-        let err = PartitionError::from(e);
-        for r in &mut results {
-            if r.is_ok() {
-                *r = Err(err.clone());
-            }
-        }
-    }
-    let hw = if sync_each {
-        log.durable_end_offset()
-    } else {
         log.log_end_offset()
     };
-    (jobs, results, Some(hw))
-}
-
-async fn run_blocking<T: Send + 'static>(
-    log: &Arc<RwLock<PartitionLog>>,
-    f: impl FnOnce(&mut PartitionLog) -> Result<T, LogError> + Send + 'static,
-) -> Result<T, PartitionError> {
-    let log = log.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut log = log
-            .write()
-            .map_err(|_| PartitionError::new(ErrorCode::StorageError, "log lock poisoned"))?;
-        f(&mut log).map_err(PartitionError::from)
-    })
-    .await
-    .map_err(|e| PartitionError::new(ErrorCode::StorageError, e.to_string()))?
+    if !sync_each {
+        return (jobs, results, Some(log_end));
+    }
+    match flush_unlocked(log) {
+        Ok(durable) => (jobs, results, Some(durable)),
+        Err(err) => {
+            for r in &mut results {
+                if r.is_ok() {
+                    *r = Err(err.clone());
+                }
+            }
+            (jobs, results, None)
+        }
+    }
 }

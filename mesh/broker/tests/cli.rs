@@ -4,6 +4,7 @@
 //! How and why: the server is started with `--listen 127.0.0.1:0` and prints its address on
 //! stdout, which the test reads, so tests never fight over ports. The server is stopped with
 //! SIGTERM to exercise graceful shutdown, then restarted on the same data directory.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;

@@ -5,6 +5,7 @@
 //! runs. Contents are derived from each record's sequence number, so every consumed record can be
 //! checked without keeping a copy, and restarting the node on the same directory proves that
 //! what was acknowledged is what comes back.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -54,7 +55,7 @@ fn record(topic: &str, i: u64) -> ProducerRecord {
         value: Some(Bytes::from(value)),
         ..ProducerRecord::default()
     };
-    if i % 5 != 0 {
+    if !i.is_multiple_of(5) {
         r.key = Some(Bytes::from(format!("key-{}", i % 997)));
     }
     for h in 0..(i % 4) {
@@ -227,13 +228,19 @@ async fn seek_by_timestamp_and_offset() {
             },
         );
         let base = 1_700_000_000_000i64;
+        let mut acks = Vec::new();
         for i in 0..200i64 {
-            let _ = producer
-                .send(ProducerRecord::new("clock", format!("t{i}")).timestamp(base + i * 1000))
-                .await
-                .unwrap();
+            acks.push(
+                producer
+                    .send(ProducerRecord::new("clock", format!("t{i}")).timestamp(base + i * 1000))
+                    .await
+                    .unwrap(),
+            );
         }
         producer.flush().await.unwrap();
+        for a in acks {
+            a.await.unwrap();
+        }
         let mut consumer = Consumer::new(c.clone(), "clock", None, ConsumerConfig::default())
             .await
             .unwrap();
@@ -306,25 +313,33 @@ async fn retention_deletes_whole_old_segments() {
             },
         );
         let now = quiver_broker::now_ms();
+        let mut acks = Vec::new();
         for i in 0..400u64 {
-            let _ = producer
-                .send(ProducerRecord::new("by-bytes", vec![b'x'; 200]).partition(0))
-                .await
-                .unwrap();
+            acks.push(
+                producer
+                    .send(ProducerRecord::new("by-bytes", vec![b'x'; 200]).partition(0))
+                    .await
+                    .unwrap(),
+            );
             let ts = if i < 300 { now - 3_600_000 } else { now };
             if i == 300 {
                 producer.flush().await.unwrap();
             }
-            let _ = producer
-                .send(
-                    ProducerRecord::new("by-time", vec![b'y'; 200])
-                        .partition(0)
-                        .timestamp(ts),
-                )
-                .await
-                .unwrap();
+            acks.push(
+                producer
+                    .send(
+                        ProducerRecord::new("by-time", vec![b'y'; 200])
+                            .partition(0)
+                            .timestamp(ts),
+                    )
+                    .await
+                    .unwrap(),
+            );
         }
         producer.flush().await.unwrap();
+        for a in acks {
+            a.await.unwrap();
+        }
 
         // Retention runs every 50 ms; wait (bounded) until it has.
         let mut described = None;

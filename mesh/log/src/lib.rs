@@ -50,6 +50,8 @@
 //! - [`PartitionLog::flush`] fdatasyncs the active `.log`; afterwards
 //!   `durable_end_offset() == log_end_offset()`. Acknowledge only what is below
 //!   `durable_end_offset()`. Group commit is the caller's: append several batches, flush once.
+//! - [`PartitionLog::begin_flush`] / [`PendingSync::sync`] / [`PartitionLog::complete_flush`]
+//!   split a flush so the fdatasync runs without holding the log (appends and reads go on).
 //! - Rolling flushes and fdatasyncs the old segment's `.index`, `.timeindex` and `.log`, then
 //!   creates the new segment's files and fsyncs the directory.
 //! - Index files are written with buffered appends and need not be durable: recovery rebuilds
@@ -94,5 +96,6 @@ mod segment;
 
 pub use error::LogError;
 pub use partition::{
-    AppendInfo, LogConfig, PartitionLog, RecoveryReport, RetentionReport, SEGMENT_BYTES_MAX,
+    AppendInfo, LogConfig, PartitionLog, PendingSync, RecoveryReport, RetentionReport,
+    SEGMENT_BYTES_MAX,
 };

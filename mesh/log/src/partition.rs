@@ -318,6 +318,36 @@ impl PartitionLog {
         Ok(())
     }
 
+    /// Starts a flush that runs without holding the log: flushes the index buffers and returns
+    /// a [`PendingSync`] for everything appended so far (`None` when it is all durable). Run
+    /// [`PendingSync::sync`] outside any lock, then report it with
+    /// [`complete_flush`](Self::complete_flush). Appends and reads may continue meanwhile;
+    /// a roll in between syncs the old segment itself, so the pending sync stays correct.
+    pub fn begin_flush(&mut self) -> Result<Option<PendingSync>, LogError> {
+        if self.durable_end_offset == self.log_end_offset {
+            return Ok(None);
+        }
+        self.writer.flush(false)?;
+        let file = self
+            .active
+            .log
+            .try_clone()
+            .map_err(io_err("dup", &self.active.path))?;
+        Ok(Some(PendingSync {
+            file,
+            path: self.active.path.clone(),
+            end_offset: self.log_end_offset,
+        }))
+    }
+
+    /// Records that a [`PendingSync`] finished: everything below `end_offset` is durable.
+    pub fn complete_flush(&mut self, end_offset: u64) {
+        debug_assert!(end_offset <= self.log_end_offset);
+        self.durable_end_offset = self
+            .durable_end_offset
+            .max(end_offset.min(self.log_end_offset));
+    }
+
     /// The first offset in the log.
     pub fn log_start_offset(&self) -> u64 {
         self.sealed.first().unwrap_or(&self.active).base_offset
@@ -835,4 +865,24 @@ fn sync_dir(dir: &Path) -> Result<(), LogError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_err("sync directory", dir))
+}
+
+/// An fdatasync to run outside the log's lock; see [`PartitionLog::begin_flush`].
+#[derive(Debug)]
+pub struct PendingSync {
+    file: File,
+    path: PathBuf,
+    end_offset: u64,
+}
+
+impl PendingSync {
+    /// Offsets below this are durable once [`sync`](Self::sync) returns.
+    pub fn end_offset(&self) -> u64 {
+        self.end_offset
+    }
+
+    /// fdatasyncs the segment that was active when the flush began.
+    pub fn sync(&self) -> Result<(), LogError> {
+        self.file.sync_data().map_err(io_err("sync", &self.path))
+    }
 }

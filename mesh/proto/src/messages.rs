@@ -19,6 +19,12 @@ pub trait Message: Sized {
     /// Decodes the body, consuming `r` entirely.
     fn decode(r: &mut Reader) -> Result<Self, DecodeError>;
 
+    /// Encodes as a list of chunks to send with one gather write. Messages that carry record
+    /// batches return the batches as their own chunks, so they are sent without copying.
+    fn encode_chunks(&self) -> Vec<Bytes> {
+        vec![self.to_bytes()]
+    }
+
     /// Encodes into a fresh buffer.
     fn to_bytes(&self) -> Bytes {
         let mut w = Writer::new();
@@ -681,6 +687,27 @@ pub struct ProduceResponse {
 
 impl Message for ProduceRequest {
     const API: ApiKey = ApiKey::Produce;
+    fn encode_chunks(&self) -> Vec<Bytes> {
+        let mut chunks = Vec::new();
+        let mut w = Writer::new();
+        w.u8(self.acks.code());
+        w.u32(self.timeout_ms);
+        w.count(self.topics.len());
+        for t in &self.topics {
+            w.string(&t.name);
+            w.count(t.partitions.len());
+            for p in &t.partitions {
+                w.u32(p.partition);
+                w.count(p.records.len());
+                chunks.push(std::mem::take(&mut w).into_bytes().freeze());
+                chunks.push(p.records.clone());
+            }
+        }
+        if !w.is_empty() {
+            chunks.push(w.into_bytes().freeze());
+        }
+        chunks
+    }
     fn encode(&self, w: &mut Writer) {
         w.u8(self.acks.code());
         w.u32(self.timeout_ms);
@@ -847,10 +874,10 @@ impl Message for FetchRequest {
     }
 }
 
-impl FetchResponse {
-    /// Encodes the response as a list of chunks so the record bytes are sent without copying:
-    /// small encoded pieces interleaved with the stored batches.
-    pub fn encode_chunks(&self) -> Vec<Bytes> {
+impl Message for FetchResponse {
+    const API: ApiKey = ApiKey::Fetch;
+    /// The stored batches go out as their own chunks: a fetch never copies record bytes.
+    fn encode_chunks(&self) -> Vec<Bytes> {
         let mut chunks = Vec::new();
         let mut w = Writer::new();
         w.count(self.topics.len());
@@ -874,10 +901,6 @@ impl FetchResponse {
         }
         chunks
     }
-}
-
-impl Message for FetchResponse {
-    const API: ApiKey = ApiKey::Fetch;
     fn encode(&self, w: &mut Writer) {
         for c in self.encode_chunks() {
             w.buffer_mut().extend_from_slice(&c);
@@ -1097,6 +1120,8 @@ mod tests {
 
     fn roundtrip<M: Message + PartialEq + std::fmt::Debug>(m: M) {
         let bytes = m.to_bytes();
+        let chunked: Vec<u8> = m.encode_chunks().concat();
+        assert_eq!(chunked, bytes.to_vec(), "encode_chunks agrees with encode");
         let back = M::from_bytes(bytes.clone()).unwrap();
         assert_eq!(back, m);
         // Every strict prefix fails cleanly.

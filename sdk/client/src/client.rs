@@ -209,8 +209,7 @@ impl Client {
         let work = async {
             let (mut send, mut recv) = conn.open_bi().await?;
             let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-            let body = req.to_bytes();
-            let mut chunks = [frame_prefix(Req::API.code(), 1, id, body.len()), body];
+            let mut chunks = request_chunks(req, id);
             send.write_chunks(&mut chunks).await?;
             send.finish()?;
             let frame = recv
@@ -231,8 +230,7 @@ impl Client {
         let work = async {
             let (mut send, mut recv) = conn.open_bi().await?;
             let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-            let body = req.to_bytes();
-            let mut chunks = [frame_prefix(Req::API.code(), 1, id, body.len()), body];
+            let mut chunks = request_chunks(req, id);
             send.write_chunks(&mut chunks).await?;
             send.finish()?;
             recv.stop(0);
@@ -427,4 +425,14 @@ pub(crate) fn decode_response<Resp: Message>(frame: Bytes) -> Result<Resp, Clien
         });
     }
     Resp::from_bytes(body).map_err(|e| ClientError::Protocol(e.to_string()))
+}
+
+/// The frame prefix followed by the body's chunks (record batches are not copied).
+fn request_chunks<Req: Message>(req: &Req, id: u64) -> Vec<Bytes> {
+    let body = req.encode_chunks();
+    let len = body.iter().map(Bytes::len).sum();
+    let mut chunks = Vec::with_capacity(body.len() + 1);
+    chunks.push(frame_prefix(Req::API.code(), 1, id, len));
+    chunks.extend(body);
+    chunks
 }

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::FutureExt;
 use futures::future::Shared;
 use quiver_proto::batch::{BATCH_HEADER_BYTES, BatchBuilder};
@@ -519,25 +519,31 @@ async fn send_request(inner: &Arc<Inner>, batches: Vec<ReadyBatch>) {
     // Batches of one partition are concatenated in order; remember each batch's record offset
     // within its partition's run to compute its base offset from the response.
     let mut positions = Vec::with_capacity(batches.len());
-    let mut runs: HashMap<(Arc<str>, u32), (u64, BytesMut)> = HashMap::new();
+    let mut runs: HashMap<(Arc<str>, u32), (u64, Vec<Bytes>)> = HashMap::new();
     let mut order: Vec<(Arc<str>, u32)> = Vec::new();
     for b in &batches {
         let key = (b.topic.clone(), b.partition);
         let run = runs.entry(key.clone()).or_insert_with(|| {
             order.push(key.clone());
-            (0, BytesMut::new())
+            (0, Vec::new())
         });
         positions.push(run.0);
         run.0 += u64::from(b.records);
-        run.1.extend_from_slice(&b.bytes);
+        run.1.push(b.bytes.clone());
     }
     for key in &order {
-        let Some((_, bytes)) = runs.remove(key) else {
+        let Some((_, parts)) = runs.remove(key) else {
             continue;
+        };
+        // One batch (the usual case) goes as is; several are concatenated.
+        let records = if parts.len() == 1 {
+            parts[0].clone()
+        } else {
+            Bytes::from(parts.concat())
         };
         let part = ProducePartition {
             partition: key.1,
-            records: bytes.freeze(),
+            records,
         };
         match topics.iter_mut().find(|t| *t.name == *key.0) {
             Some(t) => t.partitions.push(part),
