@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use quiver_log::{LogError, PartitionLog};
 use quiver_proto::{ErrorCode, PartitionId, TopicName};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -55,7 +55,7 @@ impl From<LogError> for PartitionError {
 }
 
 struct AppendJob {
-    batches: Vec<BytesMut>,
+    batches: Vec<Bytes>,
     reply: oneshot::Sender<Result<u64, PartitionError>>,
 }
 
@@ -142,7 +142,7 @@ impl Partition {
 
     /// Appends validated batches; resolves to the base offset of the first once the append is
     /// as durable as the topic's flush policy promises.
-    pub async fn append(&self, batches: Vec<BytesMut>) -> Result<u64, PartitionError> {
+    pub async fn append(&self, batches: Vec<Bytes>) -> Result<u64, PartitionError> {
         let (reply, rx) = oneshot::channel();
         self.appends
             .send(AppendJob { batches, reply })
@@ -355,7 +355,6 @@ type GroupOutcome = (
 );
 
 fn append_group(log: &RwLock<PartitionLog>, jobs: Vec<AppendJob>, sync_each: bool) -> GroupOutcome {
-    let mut jobs = jobs;
     let mut results = Vec::with_capacity(jobs.len());
     let log_end = {
         let Ok(mut log) = log.write() else {
@@ -364,11 +363,11 @@ fn append_group(log: &RwLock<PartitionLog>, jobs: Vec<AppendJob>, sync_each: boo
             return (jobs, results, None);
         };
         let now = now_ms();
-        for job in &mut jobs {
+        for job in &jobs {
             let mut base = None;
             let mut failed = None;
-            for batch in &mut job.batches {
-                match log.append(batch, 0, now) {
+            for batch in &job.batches {
+                match log.append_shared(batch, 0, now) {
                     Ok(info) => {
                         base.get_or_insert(info.base_offset);
                     }

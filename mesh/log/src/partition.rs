@@ -11,6 +11,9 @@ use quiver_proto::batch::{set_base_offset, set_leader_epoch};
 use quiver_proto::{BatchError, BatchHeader, BatchView};
 
 use crate::error::{LogError, io_err};
+
+/// Bytes at the front of a batch that hold `base_offset`, `batch_length` and `leader_epoch`.
+const STAMPED_PREFIX_BYTES: usize = 16;
 use crate::index::{IndexBuilder, Indexes, OffsetEntry, TimeEntry};
 use crate::segment::{
     INDEX_EXT, LOG_EXT, Scanned, Scanner, Segment, TIME_INDEX_EXT, last_offset, parse_segment_name,
@@ -243,6 +246,22 @@ impl PartitionLog {
         leader_epoch: u32,
         now_ms: i64,
     ) -> Result<AppendInfo, LogError> {
+        let info = self.append_shared(batch, leader_epoch, now_ms)?;
+        set_base_offset(batch, info.base_offset);
+        set_leader_epoch(batch, leader_epoch);
+        Ok(info)
+    }
+
+    /// Like [`append`](Self::append), but leaves `batch` untouched: the stored copy gets the
+    /// base offset and leader epoch, written from a stamped copy of the batch's first 16
+    /// bytes. The batch can stay in a shared, immutable buffer (a slice of the received
+    /// request), so the broker never copies it before the write.
+    pub fn append_shared(
+        &mut self,
+        batch: &[u8],
+        leader_epoch: u32,
+        now_ms: i64,
+    ) -> Result<AppendInfo, LogError> {
         let bytes = batch.len() as u64;
         let h = BatchHeader::parse(batch)?;
         if h.total_bytes() != batch.len() {
@@ -269,12 +288,21 @@ impl PartitionLog {
         if self.should_roll(bytes, last, now_ms) {
             self.roll()?;
         }
-        set_base_offset(batch, base_offset);
-        set_leader_epoch(batch, leader_epoch);
+        // The fields the log assigns sit in the first 16 bytes, outside the CRC.
+        let mut head = [0u8; STAMPED_PREFIX_BYTES];
+        head.copy_from_slice(&batch[..STAMPED_PREFIX_BYTES]);
+        set_base_offset(&mut head, base_offset);
+        set_leader_epoch(&mut head, leader_epoch);
 
         let seg = &mut self.active;
         let position = seg.size_bytes;
-        if let Err(e) = seg.log.write_all_at(batch, position) {
+        let written = seg.log.write_all_at(&head, position).and_then(|()| {
+            seg.log.write_all_at(
+                &batch[STAMPED_PREFIX_BYTES..],
+                position + STAMPED_PREFIX_BYTES as u64,
+            )
+        });
+        if let Err(e) = written {
             // Best effort: drop a partial write so the file ends with whole batches again.
             let _ = seg.log.set_len(position);
             return Err(io_err("write", &seg.path)(e));

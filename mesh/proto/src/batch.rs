@@ -45,7 +45,7 @@
 
 use std::borrow::Cow;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes};
 
 use crate::varint::{get_varint, put_varint, varint_len};
 
@@ -715,11 +715,19 @@ impl BatchBuilder {
     pub fn new(compression: Compression) -> Self {
         Self {
             compression,
-            records: Vec::new(),
+            // The header's space comes first so an uncompressed batch is finished in place.
+            records: vec![0u8; BATCH_HEADER_BYTES],
             count: 0,
             first_timestamp: None,
             max_timestamp: i64::MIN,
         }
+    }
+
+    /// An empty batch with room for `records_bytes` of encoded records before it reallocates.
+    pub fn with_capacity(compression: Compression, records_bytes: usize) -> Self {
+        let mut b = Self::new(compression);
+        b.records.reserve_exact(records_bytes);
+        b
     }
 
     /// Records added so far.
@@ -734,7 +742,7 @@ impl BatchBuilder {
 
     /// Uncompressed size so far, header included.
     pub fn estimated_bytes(&self) -> usize {
-        BATCH_HEADER_BYTES + self.records.len()
+        self.records.len()
     }
 
     /// Size a record would add, in bytes.
@@ -810,54 +818,57 @@ impl BatchBuilder {
     /// Timestamps: `first_timestamp` is the first record's and deltas are taken against it (a
     /// later record may be older, a negative delta); `max_timestamp` is the largest.
     pub fn finish(&mut self) -> Bytes {
-        let records = std::mem::take(&mut self.records);
-        let payload: Cow<'_, [u8]> = match self.compression {
-            Compression::None => Cow::Borrowed(&records),
-            Compression::Lz4 => Cow::Owned(lz4_flex::block::compress_prepend_size(&records)),
-            Compression::Zstd => match zstd::bulk::compress(&records, 1) {
-                Ok(c) => Cow::Owned(c),
-                // zstd only fails on allocation failure or bad parameters; fall back to
-                // storing the records uncompressed rather than losing them.
-                Err(_) => Cow::Borrowed(&records),
-            },
+        let mut records = std::mem::replace(&mut self.records, vec![0u8; BATCH_HEADER_BYTES]);
+        let compressed = match self.compression {
+            Compression::None => None,
+            Compression::Lz4 => Some(lz4_flex::block::compress_prepend_size(
+                &records[BATCH_HEADER_BYTES..],
+            )),
+            // zstd only fails on allocation failure or bad parameters; then the records are
+            // stored uncompressed rather than lost.
+            Compression::Zstd => zstd::bulk::compress(&records[BATCH_HEADER_BYTES..], 1).ok(),
         };
-        let compression = if matches!(payload, Cow::Borrowed(_)) {
-            Compression::None
-        } else {
-            self.compression
+        let (compression, mut out) = match compressed {
+            None => (Compression::None, records),
+            Some(c) => {
+                records.truncate(BATCH_HEADER_BYTES);
+                records.extend_from_slice(&c);
+                (self.compression, records)
+            }
         };
         let first = self.first_timestamp.take().unwrap_or(0);
-        let total = BATCH_HEADER_BYTES + payload.len();
-        let mut b = BytesMut::with_capacity(total);
-        b.put_u64_le(0);
-        b.put_u32_le((total - BATCH_LENGTH_PREFIX_BYTES) as u32);
-        b.put_u32_le(0);
-        b.put_u8(MAGIC);
-        b.put_u32_le(0); // crc, patched below
-        b.put_u16_le(compression.code());
-        b.put_u32_le(self.count.saturating_sub(1));
-        b.put_i64_le(first);
-        b.put_i64_le(if self.count == 0 {
+        let max = if self.count == 0 {
             first
         } else {
             self.max_timestamp.max(first)
-        });
-        b.put_i64_le(-1);
-        b.put_i16_le(-1);
-        b.put_i32_le(-1);
-        b.put_u32_le(self.count);
-        b.put_slice(&payload);
-        let crc = crc32c::crc32c(&b[CRC_START..]);
-        b[OFF_CRC..OFF_CRC + 4].copy_from_slice(&crc.to_le_bytes());
+        };
+        let total = out.len();
+        let mut h = &mut out[..BATCH_HEADER_BYTES];
+        h.put_u64_le(0);
+        h.put_u32_le((total - BATCH_LENGTH_PREFIX_BYTES) as u32);
+        h.put_u32_le(0);
+        h.put_u8(MAGIC);
+        h.put_u32_le(0); // crc, patched below
+        h.put_u16_le(compression.code());
+        h.put_u32_le(self.count.saturating_sub(1));
+        h.put_i64_le(first);
+        h.put_i64_le(max);
+        h.put_i64_le(-1);
+        h.put_i16_le(-1);
+        h.put_i32_le(-1);
+        h.put_u32_le(self.count);
+        let crc = crc32c::crc32c(&out[CRC_START..]);
+        out[OFF_CRC..OFF_CRC + 4].copy_from_slice(&crc.to_le_bytes());
         self.count = 0;
         self.max_timestamp = i64::MIN;
-        b.freeze()
+        Bytes::from(out)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::BytesMut;
     use proptest::prelude::*;
 
     const LIMITS: BatchLimits = BatchLimits {

@@ -6,14 +6,14 @@
 //! - [`Consumer`]: partition assignment, seeking by offset or time, records as a stream.
 //!
 //! ```no_run
-//! # async fn demo() -> Result<(), quiver_client::ClientError> {
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use quiver_client::*;
 //! let client = Client::connect(ClientConfig::new("127.0.0.1:7400", "quiver-data/tls/ca.pem")).await?;
 //! client.create_topic("events", 3, &[]).await?;
 //! let producer = Producer::new(client.clone(), ProducerConfig::default());
 //! let delivery = producer.send(ProducerRecord::new("events", "hello").key("k1")).await?;
 //! let meta = delivery.await?;
-//! println!("stored at {}/{}", meta.partition, meta.offset);
+//! println!("stored at {}/{:?}", meta.partition, meta.offset);
 //! let mut consumer = Consumer::new(client, "events", None, ConsumerConfig::default()).await?;
 //! consumer.seek_all(SeekTo::Earliest).await?;
 //! for r in consumer.poll().await? {

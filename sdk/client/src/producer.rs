@@ -345,12 +345,14 @@ impl Producer {
             self.close_batch(&mut st, &key, partitions);
         }
         let compression = self.inner.config.compression;
+        // Room for a full batch up front: growing by doubling would copy it several times.
+        let capacity = batch_bytes.max(size) + 64;
         let mut opened_new = false;
         let batch = st.open.entry(key.clone()).or_insert_with(|| {
             opened_new = true;
             let (reply, rx) = oneshot::channel();
             OpenBatch {
-                builder: BatchBuilder::new(compression),
+                builder: BatchBuilder::with_capacity(compression, capacity),
                 opened: Instant::now(),
                 reply,
                 rx: rx.shared(),
