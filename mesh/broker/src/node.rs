@@ -36,6 +36,9 @@ struct Shared {
     advertised: String,
     request_read: Duration,
     probe_bytes_max: u64,
+    /// Bytes of request frames being read or handled, across all connections: a frame's
+    /// length is reserved before its bytes are read.
+    request_bytes: Arc<tokio::sync::Semaphore>,
     shutdown: CancellationToken,
     requests: TaskTracker,
 }
@@ -100,6 +103,11 @@ impl Node {
             advertised,
             request_read: Duration::from_millis(config.request_read_ms_max),
             probe_bytes_max: config.probe_bytes_max,
+            request_bytes: Arc::new(tokio::sync::Semaphore::new(
+                config
+                    .in_flight_request_bytes_max
+                    .max(config.request_bytes_max),
+            )),
             shutdown: CancellationToken::new(),
             requests: TaskTracker::new(),
         });
@@ -215,35 +223,29 @@ async fn respond_error(send: &mut SendStream, api: u16, id: u64, code: ErrorCode
     respond(send, vec![error_frame(api, id, code, message)]).await;
 }
 
+/// Waits for `fut` at most the request read timeout, and not past shutdown.
+async fn read_bounded<T>(
+    shared: &Shared,
+    fut: impl std::future::Future<Output = Result<T, quiver_transport::TransportError>>,
+) -> Result<T, (ErrorCode, String)> {
+    tokio::select! {
+        r = tokio::time::timeout(shared.request_read, fut) => match r {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err((ErrorCode::InvalidRequest, format!("truncated frame: {e}"))),
+            Err(_) => Err((ErrorCode::RequestTimedOut, "request not received in time".to_string())),
+        },
+        _ = shared.shutdown.cancelled() => Err((ErrorCode::ShuttingDown, "node is shutting down".to_string())),
+    }
+}
+
 async fn serve_stream(shared: Arc<Shared>, mut send: SendStream, mut recv: RecvStream) {
     let mut prefix = [0u8; FRAME_LENGTH_BYTES];
-    let head = tokio::time::timeout(shared.request_read, recv.read_exact(&mut prefix)).await;
-    match head {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
-            // Fewer than four bytes then the end: answer so the client is not left waiting.
-            respond_error(
-                &mut send,
-                0,
-                0,
-                ErrorCode::InvalidRequest,
-                &format!("truncated frame: {e}"),
-            )
-            .await;
-            return;
-        }
-        Err(_) => {
-            respond_error(
-                &mut send,
-                0,
-                0,
-                ErrorCode::RequestTimedOut,
-                "request not received in time",
-            )
-            .await;
+    if let Err((code, message)) = read_bounded(&shared, recv.read_exact(&mut prefix)).await {
+        if code != ErrorCode::InvalidRequest {
             recv.stop(STREAM_REFUSED);
-            return;
         }
+        respond_error(&mut send, 0, 0, code, &message).await;
+        return;
     }
     let length = match check_length_prefix(prefix, shared.limits.request_bytes_max) {
         Ok(n) => n,
@@ -257,30 +259,33 @@ async fn serve_stream(shared: Arc<Shared>, mut send: SendStream, mut recv: RecvS
             return;
         }
     };
-    let rest = match tokio::time::timeout(shared.request_read, recv.read_exact_bytes(length)).await
+    // Reserve the frame's bytes before reading them, so many large requests in flight at once
+    // cannot add up past the node's bound; they wait for each other instead. `length` is at
+    // most `request_bytes_max`, which the semaphore's size covers.
+    let permit = match read_bounded(&shared, async {
+        shared
+            .request_bytes
+            .clone()
+            .acquire_many_owned(length as u32)
+            .await
+            .map_err(|_| quiver_transport::TransportError::Closed)
+    })
+    .await
     {
-        Ok(Ok(b)) => b,
-        Ok(Err(e)) => {
-            respond_error(
-                &mut send,
-                0,
-                0,
-                ErrorCode::InvalidRequest,
-                &format!("truncated frame: {e}"),
-            )
-            .await;
+        Ok(p) => p,
+        Err((code, message)) => {
+            recv.stop(STREAM_REFUSED);
+            respond_error(&mut send, 0, 0, code, &message).await;
             return;
         }
-        Err(_) => {
-            recv.stop(STREAM_REFUSED);
-            respond_error(
-                &mut send,
-                0,
-                0,
-                ErrorCode::RequestTimedOut,
-                "request not received in time",
-            )
-            .await;
+    };
+    let rest = match read_bounded(&shared, recv.read_exact_bytes(length)).await {
+        Ok(b) => b,
+        Err((code, message)) => {
+            if code != ErrorCode::InvalidRequest {
+                recv.stop(STREAM_REFUSED);
+            }
+            respond_error(&mut send, 0, 0, code, &message).await;
             return;
         }
     };
@@ -325,7 +330,10 @@ async fn serve_stream(shared: Arc<Shared>, mut send: SendStream, mut recv: RecvS
         .await;
         return;
     }
-    match dispatch(&shared, api, body, &mut recv, &mut send).await {
+    let outcome = dispatch(&shared, api, body, &mut recv, &mut send).await;
+    // The request's bytes are released once handled; the response holds its own.
+    drop(permit);
+    match outcome {
         Ok(Some(chunks)) => {
             let body_bytes = chunks.iter().map(Bytes::len).sum();
             let mut all = Vec::with_capacity(chunks.len() + 1);
@@ -407,7 +415,8 @@ async fn probe(
     match req.direction {
         ProbeDirection::Upload => {
             let mut bytes = 0u64;
-            while let Some(chunk) = recv.read_chunk(usize::MAX).await.map_err(io)? {
+            // Each chunk must arrive within the read timeout: a stalled probe is dropped.
+            while let Some(chunk) = read_bounded(shared, recv.read_chunk(usize::MAX)).await? {
                 bytes += chunk.len() as u64;
             }
             let body = TransportProbeResponse { bytes }.to_bytes();

@@ -354,13 +354,27 @@ impl<'a> BatchView<'a> {
         let raw = &self.bytes[BATCH_HEADER_BYTES..];
         match self.header.compression() {
             Some(Compression::None) => Ok(Cow::Borrowed(raw)),
-            Some(Compression::Lz4) => lz4_flex::block::decompress_size_prepended(raw)
-                .map(Cow::Owned)
-                .map_err(|e| BatchError::Decompress(e.to_string())),
+            Some(Compression::Lz4) => {
+                // The size prefix comes from the network: check it against the most an lz4
+                // block of this size can expand to before allocating anything.
+                let (prefix, block) = raw
+                    .split_first_chunk::<4>()
+                    .ok_or_else(|| BatchError::Decompress("lz4 size prefix missing".into()))?;
+                let size = u32::from_le_bytes(*prefix) as usize;
+                let limit = decompressed_bytes_max(block.len());
+                if size > limit {
+                    return Err(BatchError::Decompress(format!(
+                        "lz4 block of {} bytes claims {size} bytes, more than the maximum of {limit}",
+                        block.len()
+                    )));
+                }
+                lz4_flex::block::decompress(block, size)
+                    .map(Cow::Owned)
+                    .map_err(|e| BatchError::Decompress(e.to_string()))
+            }
             Some(Compression::Zstd) => {
-                // Bound the output so a zstd bomb cannot exhaust memory: records of a valid
-                // batch never exceed this many bytes per record plus overheads.
-                let limit = zstd_output_bytes_max(raw.len());
+                // Bound the output so a zstd bomb cannot exhaust memory.
+                let limit = decompressed_bytes_max(raw.len());
                 zstd::bulk::decompress(raw, limit)
                     .map(Cow::Owned)
                     .map_err(|e| BatchError::Decompress(e.to_string()))
@@ -421,14 +435,17 @@ impl<'a> BatchView<'a> {
     }
 }
 
-/// Zstd output bound for a compressed section of `compressed_bytes`: a generous ratio with a
-/// floor and a hard ceiling (256 MiB) so hostile input cannot make the decoder allocate without
-/// bound.
-fn zstd_output_bytes_max(compressed_bytes: usize) -> usize {
+/// Most bytes a compressed records section of `compressed_bytes` may expand to: lz4's
+/// worst-case ratio (255:1) with a 1 MiB floor, never above [`DECOMPRESSED_BYTES_MAX`], so hostile
+/// input cannot make a decoder allocate without bound.
+fn decompressed_bytes_max(compressed_bytes: usize) -> usize {
     compressed_bytes
         .saturating_mul(255)
-        .clamp(1 << 20, 256 << 20)
+        .clamp(1 << 20, DECOMPRESSED_BYTES_MAX)
 }
+
+/// Largest decompressed records section accepted, bytes.
+pub const DECOMPRESSED_BYTES_MAX: usize = 256 << 20;
 
 /// Limits a broker applies when validating a produced batch.
 #[derive(Clone, Copy, Debug)]
@@ -930,6 +947,24 @@ mod tests {
             let mut b = bytes.to_vec();
             b[i] ^= 0x10;
             assert!(validate_batch(&b, &LIMITS).is_err(), "flip at {i} accepted");
+        }
+    }
+
+    #[test]
+    fn lz4_size_prefix_cannot_force_a_huge_allocation() {
+        // Found by the `batch` fuzz target: a 4-byte prefix claiming 4 GiB.
+        let mut b = BatchBuilder::new(Compression::Lz4);
+        b.push(None, Some(b"x"), &[], 0);
+        let good = b.finish();
+        let mut evil = good[..BATCH_HEADER_BYTES].to_vec();
+        evil.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 1, 2, 3, 4, 5, 6, 7, 8]);
+        let len = (evil.len() - BATCH_LENGTH_PREFIX_BYTES) as u32;
+        evil[OFF_BATCH_LENGTH..OFF_BATCH_LENGTH + 4].copy_from_slice(&len.to_le_bytes());
+        let crc = crc32c::crc32c(&evil[CRC_START..]);
+        evil[OFF_CRC..OFF_CRC + 4].copy_from_slice(&crc.to_le_bytes());
+        match validate_batch(&evil, &LIMITS) {
+            Err(BatchError::Decompress(m)) => assert!(m.contains("claims 4294967295"), "{m}"),
+            other => panic!("expected a decompression error, got {other:?}"),
         }
     }
 
