@@ -104,6 +104,10 @@ impl Broker {
         self.logs_dir.join(format!("{topic}-{p}"))
     }
 
+    /// Tidies the topics directory at start: removes `*.deleted` directories (a topic delete
+    /// that was interrupted after its rename), and moves any other directory the catalog does
+    /// not know to `<name>.orphaned` with a warning. Data the node cannot account for is never
+    /// deleted, and never adopted by a new topic of the same name.
     fn remove_orphans(&self, known: &[(TopicName, TopicConfig)]) -> anyhow::Result<()> {
         let keep: std::collections::HashSet<PathBuf> = known
             .iter()
@@ -111,9 +115,17 @@ impl Broker {
             .collect();
         for entry in std::fs::read_dir(&self.logs_dir)? {
             let path = entry?.path();
-            if !keep.contains(&path) {
-                tracing::warn!(path = %path.display(), "removing partition directory of an unknown topic");
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if name.ends_with(".deleted") {
+                tracing::info!(path = %path.display(), "removing the rest of a deleted partition");
                 std::fs::remove_dir_all(&path)?;
+            } else if !keep.contains(&path) && !name.ends_with(".orphaned") {
+                let aside = path.with_file_name(format!("{name}.orphaned"));
+                tracing::warn!(path = %path.display(), moved_to = %aside.display(), "partition directory of an unknown topic moved aside");
+                std::fs::rename(&path, &aside)?;
             }
         }
         Ok(())
@@ -221,9 +233,16 @@ impl Broker {
         let Some((_, topic)) = self.topics.remove(&name) else {
             return Err(unknown());
         };
+        // Close and rename every partition first, then forget the topic: a crash in between
+        // leaves either the topic with (some) empty partitions, or `*.deleted` directories
+        // that the next start removes — never old data under a live name.
+        for p in &topic.partitions {
+            p.close().await;
+            p.mark_deleted().await?;
+        }
         self.catalog.remove(&name)?;
         for p in &topic.partitions {
-            p.clone().delete().await?;
+            p.remove_files().await?;
         }
         tracing::info!(topic = %name, "topic deleted");
         Ok(())

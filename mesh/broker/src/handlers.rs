@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::Broker;
+use crate::order::ProduceOrder;
 use crate::partition::{Partition, PartitionError};
 
 /// Limits the handlers enforce, from the node configuration.
@@ -207,18 +208,22 @@ fn prepare_batches(
 }
 
 /// Appends batches; `None` when the producer asked for no acknowledgement.
+///
+/// Every partition's batches are validated first; then, in the connection's produce order
+/// (`order`), all of them are queued to their partitions; then the outcomes are awaited.
 pub async fn produce(
     broker: &Broker,
     limits: &HandlerLimits,
     req: ProduceRequest,
+    order: &Arc<ProduceOrder>,
 ) -> Option<ProduceResponse> {
     let deadline = Duration::from_millis(u64::from(req.timeout_ms.max(1)));
-    let mut pending = Vec::new();
+    let mut prepared = Vec::new();
     let mut shape = Vec::with_capacity(req.topics.len());
     for t in req.topics {
         let mut parts = Vec::with_capacity(t.partitions.len());
         for p in t.partitions {
-            let prepared = broker
+            let checked = broker
                 .partition(&t.name, p.partition)
                 .map_err(|e| status_of(&e))
                 .and_then(|part| {
@@ -229,17 +234,31 @@ pub async fn produce(
                     prepare_batches(&p.records, &part, record_max, limits.request_bytes_max)
                         .map(|batches| (part, batches))
                 });
-            match prepared {
-                Ok((part, batches)) => {
-                    parts.push((p.partition, Some(pending.len()), Status::ok()));
-                    pending.push(async move { part.append(batches).await });
+            match checked {
+                Ok(work) => {
+                    parts.push((p.partition, Some(prepared.len()), Status::ok()));
+                    prepared.push(work);
                 }
                 Err(status) => parts.push((p.partition, None, status)),
             }
         }
         shape.push((t.name, parts));
     }
-    let appended = tokio::time::timeout(deadline, join_all(pending)).await;
+    // Queue in the producer's order; the turn is released as soon as everything is queued,
+    // so the next request's appends can queue up behind these while they complete.
+    let turn = order.turn(req.sequence).await;
+    let mut pending = Vec::with_capacity(prepared.len());
+    for (part, batches) in prepared {
+        pending.push(part.enqueue(batches).await);
+    }
+    drop(turn);
+    let waits = pending.into_iter().map(|p| async move {
+        match p {
+            Ok(wait) => wait.await,
+            Err(e) => Err(e),
+        }
+    });
+    let appended = tokio::time::timeout(deadline, join_all(waits)).await;
     let response = ProduceResponse {
         topics: shape
             .into_iter()

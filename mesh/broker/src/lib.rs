@@ -4,6 +4,7 @@
 //! - [`handlers`] implement each API over the [`broker::Broker`].
 //! - [`broker`] holds the topic table; [`partition`] owns one log, its group-commit appender
 //!   and its high watermark.
+//! - [`order`] keeps a connection's pipelined produce requests in the producer's order.
 //! - [`catalog`] persists topics in `sled`; [`topic_config`] validates topic settings.
 //! - [`cli`] is the command line (server, client commands, perf tool).
 #![forbid(unsafe_code)]
@@ -14,6 +15,7 @@ pub mod cli;
 pub mod config;
 pub mod handlers;
 pub mod node;
+pub mod order;
 pub mod partition;
 pub mod topic_config;
 

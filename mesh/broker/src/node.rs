@@ -22,6 +22,7 @@ use tokio_util::task::TaskTracker;
 use crate::broker::Broker;
 use crate::config::BrokerConfig;
 use crate::handlers::{self, HandlerLimits};
+use crate::order::ProduceOrder;
 
 /// QUIC application close code sent to clients when the node shuts down.
 pub const CLOSE_SHUTDOWN: u32 = 1;
@@ -186,6 +187,7 @@ async fn accept_loop(shared: Arc<Shared>, server: Arc<Server>) {
 
 async fn serve_connection(shared: Arc<Shared>, conn: Connection) {
     tracing::debug!(remote = %conn.remote_addr(), "connection");
+    let order = ProduceOrder::new(shared.request_read);
     loop {
         let (send, recv) = match conn.accept_bi().await {
             Ok(Some(s)) => s,
@@ -198,7 +200,9 @@ async fn serve_connection(shared: Arc<Shared>, conn: Connection) {
         let shared2 = shared.clone();
         // Requests of a closing node still get an answer (`shutting_down`), so the tracker
         // spawns even after close(); wait() covers them.
-        shared.requests.spawn(serve_stream(shared2, send, recv));
+        shared
+            .requests
+            .spawn(serve_stream(shared2, order.clone(), send, recv));
     }
 }
 
@@ -238,7 +242,12 @@ async fn read_bounded<T>(
     }
 }
 
-async fn serve_stream(shared: Arc<Shared>, mut send: SendStream, mut recv: RecvStream) {
+async fn serve_stream(
+    shared: Arc<Shared>,
+    order: Arc<ProduceOrder>,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) {
     let mut prefix = [0u8; FRAME_LENGTH_BYTES];
     if let Err((code, message)) = read_bounded(&shared, recv.read_exact(&mut prefix)).await {
         if code != ErrorCode::InvalidRequest {
@@ -330,7 +339,7 @@ async fn serve_stream(shared: Arc<Shared>, mut send: SendStream, mut recv: RecvS
         .await;
         return;
     }
-    let outcome = dispatch(&shared, api, body, &mut recv, &mut send).await;
+    let outcome = dispatch(&shared, &order, api, body, &mut recv, &mut send).await;
     // The request's bytes are released once handled; the response holds its own.
     drop(permit);
     match outcome {
@@ -365,6 +374,7 @@ fn one<M: Message>(m: &M) -> Option<Vec<Bytes>> {
 
 async fn dispatch(
     shared: &Shared,
+    order: &Arc<ProduceOrder>,
     api: ApiKey,
     body: Bytes,
     recv: &mut RecvStream,
@@ -388,7 +398,7 @@ async fn dispatch(
             one(&handlers::list_topics(broker))
         }
         ApiKey::DescribeTopics => one(&handlers::describe_topics(broker, decode(body)?)),
-        ApiKey::Produce => handlers::produce(broker, &shared.limits, decode(body)?)
+        ApiKey::Produce => handlers::produce(broker, &shared.limits, decode(body)?, order)
             .await
             .map(|r| vec![r.to_bytes()]),
         ApiKey::Fetch => {

@@ -140,16 +140,30 @@ impl Partition {
         self.id
     }
 
-    /// Appends validated batches; resolves to the base offset of the first once the append is
-    /// as durable as the topic's flush policy promises.
-    pub async fn append(&self, batches: Vec<Bytes>) -> Result<u64, PartitionError> {
+    /// Queues validated batches for appending, in call order; the returned future resolves to
+    /// the base offset of the first batch once the append is as durable as the topic's flush
+    /// policy promises. Waits only for room in the queue.
+    pub async fn enqueue(
+        &self,
+        batches: Vec<Bytes>,
+    ) -> Result<
+        impl std::future::Future<Output = Result<u64, PartitionError>> + use<>,
+        PartitionError,
+    > {
         let (reply, rx) = oneshot::channel();
         self.appends
             .send(AppendJob { batches, reply })
             .await
             .map_err(|_| PartitionError::new(ErrorCode::ShuttingDown, "partition is closing"))?;
-        rx.await
-            .map_err(|_| PartitionError::new(ErrorCode::ShuttingDown, "partition is closing"))?
+        Ok(async move {
+            rx.await
+                .map_err(|_| PartitionError::new(ErrorCode::ShuttingDown, "partition is closing"))?
+        })
+    }
+
+    /// Appends validated batches: [`enqueue`](Self::enqueue), then wait for the outcome.
+    pub async fn append(&self, batches: Vec<Bytes>) -> Result<u64, PartitionError> {
+        self.enqueue(batches).await?.await
     }
 
     /// The high watermark now.
@@ -225,15 +239,39 @@ impl Partition {
         }
     }
 
-    /// Closes the partition and removes its data.
-    pub async fn delete(self: Arc<Self>) -> Result<(), PartitionError> {
-        self.close().await;
-        let dir = self.dir.clone();
-        tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir))
-            .await
-            .map_err(|e| PartitionError::new(ErrorCode::StorageError, e.to_string()))?
-            .map_err(|e| PartitionError::new(ErrorCode::StorageError, e.to_string()))
+    fn deleted_dir(&self) -> PathBuf {
+        let mut name = self.dir.file_name().unwrap_or_default().to_os_string();
+        name.push(".deleted");
+        self.dir.with_file_name(name)
     }
+
+    /// Renames the (closed) partition's directory to `<dir>.deleted` and syncs the parent.
+    pub async fn mark_deleted(&self) -> Result<(), PartitionError> {
+        let (from, to) = (self.dir.clone(), self.deleted_dir());
+        blocking_io(move || {
+            std::fs::rename(&from, &to)?;
+            if let Some(parent) = to.parent() {
+                std::fs::File::open(parent)?.sync_all()?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Removes the directory renamed by [`mark_deleted`](Self::mark_deleted).
+    pub async fn remove_files(&self) -> Result<(), PartitionError> {
+        let dir = self.deleted_dir();
+        blocking_io(move || std::fs::remove_dir_all(&dir)).await
+    }
+}
+
+async fn blocking_io(
+    f: impl FnOnce() -> std::io::Result<()> + Send + 'static,
+) -> Result<(), PartitionError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| PartitionError::new(ErrorCode::StorageError, e.to_string()))?
+        .map_err(|e| PartitionError::new(ErrorCode::StorageError, e.to_string()))
 }
 
 /// The partition's write side: drains queued produces, appends them, fsyncs per the topic's

@@ -863,6 +863,7 @@ async fn produce_status(
     let req = ProduceRequest {
         acks: Acks::Leader,
         timeout_ms: 10_000,
+        sequence: quiver_proto::messages::UNORDERED_SEQUENCE,
         topics: vec![ProduceTopic {
             name: topic.to_string(),
             partitions: vec![ProducePartition {

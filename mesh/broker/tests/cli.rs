@@ -275,3 +275,164 @@ fn bad_arguments_and_unreachable_servers_fail_clearly() {
     assert!(started.elapsed() < Duration::from_secs(30));
     server.stop();
 }
+
+/// How and why: the node is a child process killed with SIGKILL (no shutdown, no final flush)
+/// while a producer keeps writing to a `flush.policy=batch` topic, four times over. Every
+/// record the node acknowledged must be there after each restart, at the partition and offset
+/// it was acknowledged with, with its content; records that were in flight when the node died
+/// may or may not be stored (the producer saw an error for those).
+#[test]
+fn acknowledged_records_survive_sigkill_of_the_node() {
+    use quiver_client::{
+        Client, ClientConfig, Consumer, ConsumerConfig, Producer, ProducerConfig, ProducerRecord,
+        SeekTo,
+    };
+    use std::collections::BTreeMap;
+    use std::sync::{Arc, Mutex};
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let ca = data.join("tls/ca.pem");
+    // Short timeouts: a SIGKILLed node sends no close, so the client only learns of its death
+    // by timing out.
+    let connect = |addr: String| {
+        let ca = ca.clone();
+        async move {
+            let mut config = ClientConfig::new(addr, ca);
+            config.request_timeout_ms = 2_000;
+            config.transport.idle_timeout_ms = 3_000;
+            config.transport.keep_alive_ms = 500;
+            Client::connect(config).await.unwrap()
+        }
+    };
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut server = Server::start(&data);
+    rt.block_on(async {
+        connect(server.addr.clone())
+            .await
+            .create_topic("crash", 2, &[("flush.policy".into(), "batch".into())])
+            .await
+            .unwrap();
+    });
+    let acked: Arc<Mutex<BTreeMap<u64, (u32, u64)>>> = Arc::default();
+    let mut next_seq = 0u64;
+    for cycle in 1..=4u64 {
+        let client = rt.block_on(connect(server.addr.clone()));
+        let _runtime = rt.enter();
+        let producer = Producer::new(
+            client,
+            ProducerConfig {
+                linger_ms: 1,
+                retries_max: 0,
+                request_timeout_ms: 2_000,
+                ..ProducerConfig::default()
+            },
+        );
+        stop.store(false, std::sync::atomic::Ordering::SeqCst);
+        let (acked2, start, stop2) = (acked.clone(), next_seq, stop.clone());
+        let writer = rt.spawn(async move {
+            let mut seq = start;
+            let mut waiting = Vec::new();
+            while let Ok(d) = producer
+                .send(
+                    ProducerRecord::new("crash", format!("record-{seq}"))
+                        .key(format!("k{}", seq % 10)),
+                )
+                .await
+            {
+                let acked = acked2.clone();
+                waiting.push(tokio::spawn(async move {
+                    if let Ok(meta) = d.await {
+                        acked
+                            .lock()
+                            .unwrap()
+                            .insert(seq, (meta.partition, meta.offset.unwrap()));
+                    }
+                }));
+                seq += 1;
+                if seq - start > 200_000 || stop2.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+            for w in waiting {
+                let _ = tokio::time::timeout(Duration::from_secs(30), w).await;
+            }
+            seq
+        });
+        // Kill once this cycle has some acknowledgements, mid-stream.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while acked.lock().unwrap().len() < (cycle * 3_000) as usize {
+            assert!(Instant::now() < deadline, "no progress in cycle {cycle}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        server.child.kill().unwrap();
+        server.child.wait().unwrap();
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        next_seq = rt
+            .block_on(async { tokio::time::timeout(Duration::from_secs(60), writer).await })
+            .unwrap()
+            .unwrap();
+        server = Server::start(&data);
+    }
+
+    let acked = acked.lock().unwrap().clone();
+    let stored = rt.block_on(async {
+        let client = connect(server.addr.clone()).await;
+        let mut consumer = Consumer::new(client.clone(), "crash", None, ConsumerConfig::default())
+            .await
+            .unwrap();
+        consumer.seek_all(SeekTo::Earliest).await.unwrap();
+        let mut ends = BTreeMap::new();
+        for p in [0, 1] {
+            ends.insert(
+                p,
+                client.list_offset("crash", p, -1).await.unwrap().unwrap(),
+            );
+        }
+        let mut stored = BTreeMap::new();
+        while ends
+            .iter()
+            .any(|(p, e)| consumer.position(*p).unwrap() < *e)
+        {
+            for r in consumer.poll().await.unwrap() {
+                stored.insert((r.partition, r.offset), r.value.unwrap());
+            }
+        }
+        stored
+    });
+    for (seq, place) in &acked {
+        let value = stored
+            .get(place)
+            .unwrap_or_else(|| panic!("acknowledged seq {seq} at {place:?} lost"));
+        assert_eq!(
+            &value[..],
+            format!("record-{seq}").as_bytes(),
+            "content at {place:?}"
+        );
+    }
+    // Offsets are dense: every stored position from 0 up is there.
+    for p in [0u32, 1] {
+        let offsets: Vec<u64> = stored
+            .keys()
+            .filter(|(q, _)| *q == p)
+            .map(|(_, o)| *o)
+            .collect();
+        assert!(
+            offsets.iter().enumerate().all(|(i, o)| *o == i as u64),
+            "gap in partition {p}"
+        );
+    }
+    eprintln!(
+        "{} acknowledged, {} stored ({} unacknowledged records survived)",
+        acked.len(),
+        stored.len(),
+        stored.len() - acked.len()
+    );
+    server.stop();
+}

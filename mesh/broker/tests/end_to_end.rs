@@ -136,12 +136,24 @@ async fn consume_all(client: &Client, topic: &str) -> Vec<ConsumerRecord> {
     out
 }
 
-/// Every acknowledged record is read back exactly once, with its content, at the acknowledged
+/// Every acknowledged record is read back exactly once, in send order per partition, with its
+/// content, at the acknowledged
 /// partition and offset, and offsets in each partition are contiguous from 0.
 fn verify(records: &[ConsumerRecord], acked: &BTreeMap<u64, (u32, u64)>) {
     assert_eq!(records.len(), acked.len(), "record count");
     let mut next: BTreeMap<u32, u64> = BTreeMap::new();
+    let mut last_seq: BTreeMap<u32, u64> = BTreeMap::new();
     for r in records {
+        // Records were sent in sequence order with several requests in flight: each partition
+        // must hold them in that order.
+        if let Some(prev) = last_seq.insert(r.partition, seq_of(r)) {
+            assert!(
+                prev < seq_of(r),
+                "partition {} holds seq {} after {prev}",
+                r.partition,
+                seq_of(r)
+            );
+        }
         let expected_offset = next.entry(r.partition).or_insert(0);
         assert_eq!(
             r.offset, *expected_offset,
@@ -438,6 +450,67 @@ async fn admin_errors_are_typed() {
             c.describe_topic("t").await.unwrap().partitions[0].log_end_offset,
             0
         );
+        node.shutdown().await;
+    })
+    .await
+    .expect("test finished in time");
+}
+
+/// How and why: two produce requests on one connection travel on separate QUIC streams, so the
+/// node may receive them in either order. Here the second (sequence 1) is sent in full first
+/// and the first (sequence 0) only after a pause; the node must still append sequence 0
+/// first. Without per-connection ordering, "second" would take offset 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_produce_requests_keep_their_order() {
+    use quiver_proto::ApiKey;
+    use quiver_proto::frame::frame_prefix;
+    use quiver_proto::messages::{
+        Acks, Message, ProducePartition, ProduceRequest, ProduceResponse, ProduceTopic,
+    };
+    tokio::time::timeout(TIMEOUT, async {
+        let dir = tempfile::tempdir().unwrap();
+        let node = start(dir.path(), |_| {}).await;
+        let c = client(&node).await;
+        c.create_topic("ordered", 1, &[]).await.unwrap();
+        let request = |value: &str, sequence: u64| {
+            let mut b = quiver_proto::BatchBuilder::new(quiver_proto::Compression::None);
+            b.push(None, Some(value.as_bytes()), &[], 1);
+            let body = ProduceRequest {
+                acks: Acks::Leader,
+                timeout_ms: 10_000,
+                sequence,
+                topics: vec![ProduceTopic {
+                    name: "ordered".into(),
+                    partitions: vec![ProducePartition {
+                        partition: 0,
+                        records: b.finish(),
+                    }],
+                }],
+            }
+            .to_bytes();
+            vec![
+                frame_prefix(ApiKey::Produce.code(), 1, sequence, body.len()),
+                body,
+            ]
+        };
+        let (mut s0, mut r0) = c.open_raw().await.unwrap();
+        let (mut s1, mut r1) = c.open_raw().await.unwrap();
+        s1.write_chunks(&mut request("second", 1)).await.unwrap();
+        s1.finish().unwrap();
+        // Give the node every chance to append "second" early if it did not order.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        s0.write_chunks(&mut request("first", 0)).await.unwrap();
+        s0.finish().unwrap();
+        for r in [&mut r0, &mut r1] {
+            let frame = r.read_to_end(1 << 20).await.unwrap();
+            let (h, body) = quiver_proto::ResponseHeader::decode(frame).unwrap();
+            assert_eq!(h.error, 0);
+            let resp = ProduceResponse::from_bytes(body).unwrap();
+            assert!(resp.topics[0].partitions[0].status.is_ok());
+        }
+        let records = consume_all(&c, "ordered").await;
+        let values: Vec<_> = records.iter().map(|r| r.value.clone().unwrap()).collect();
+        assert_eq!(values, vec![Bytes::from("first"), Bytes::from("second")]);
         node.shutdown().await;
     })
     .await

@@ -647,6 +647,9 @@ pub struct ProduceTopic {
     pub partitions: Vec<ProducePartition>,
 }
 
+/// `sequence` value of a produce request that takes no part in ordering.
+pub const UNORDERED_SEQUENCE: u64 = u64::MAX;
+
 /// Appends record batches to one or more partitions.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProduceRequest {
@@ -654,6 +657,11 @@ pub struct ProduceRequest {
     pub acks: Acks,
     /// How long the server may take before answering `request_timed_out`.
     pub timeout_ms: u32,
+    /// Position of this request among the produce requests of its connection: 0, 1, 2, ...
+    /// Requests travel on separate streams and may arrive in any order; the server appends
+    /// them to their partitions in sequence order, so pipelined requests keep the producer's
+    /// order. [`UNORDERED_SEQUENCE`] opts out.
+    pub sequence: u64,
     /// Topics.
     pub topics: Vec<ProduceTopic>,
 }
@@ -692,6 +700,7 @@ impl Message for ProduceRequest {
         let mut w = Writer::new();
         w.u8(self.acks.code());
         w.u32(self.timeout_ms);
+        w.u64(self.sequence);
         w.count(self.topics.len());
         for t in &self.topics {
             w.string(&t.name);
@@ -711,6 +720,7 @@ impl Message for ProduceRequest {
     fn encode(&self, w: &mut Writer) {
         w.u8(self.acks.code());
         w.u32(self.timeout_ms);
+        w.u64(self.sequence);
         put_vec(w, &self.topics, |w, t| {
             w.string(&t.name);
             put_vec(w, &t.partitions, |w, p| {
@@ -724,6 +734,7 @@ impl Message for ProduceRequest {
         Ok(Self {
             acks,
             timeout_ms: r.u32("timeout_ms")?,
+            sequence: r.u64("sequence")?,
             topics: get_vec(r, "topics", 6, |r| {
                 Ok(ProduceTopic {
                     name: r.string("name")?,
@@ -1203,6 +1214,7 @@ mod tests {
         roundtrip(ProduceRequest {
             acks: Acks::Leader,
             timeout_ms: 30_000,
+            sequence: 7,
             topics: vec![ProduceTopic {
                 name: "t".into(),
                 partitions: vec![ProducePartition {

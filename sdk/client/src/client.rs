@@ -116,7 +116,8 @@ impl From<TransportError> for ClientError {
 struct Inner {
     config: ClientConfig,
     endpoint: quiver_transport::Client,
-    conn: Mutex<Option<Connection>>,
+    /// The connection and the next produce sequence on it (sequences restart per connection).
+    conn: Mutex<Option<(Connection, Arc<AtomicU64>)>>,
     next_id: AtomicU64,
 }
 
@@ -162,10 +163,10 @@ impl Client {
         &self.inner.config
     }
 
-    async fn connection(&self) -> Result<Connection, ClientError> {
+    async fn slot(&self) -> Result<(Connection, Arc<AtomicU64>), ClientError> {
         let mut slot = self.inner.conn.lock().await;
-        if let Some(c) = slot.as_ref() {
-            return Ok(c.clone());
+        if let Some((c, seq)) = slot.as_ref() {
+            return Ok((c.clone(), seq.clone()));
         }
         let cfg = &self.inner.config;
         let conn = self
@@ -174,15 +175,57 @@ impl Client {
             .connect(&cfg.server, cfg.server_name.as_deref())
             .await
             .map_err(|e| ClientError::Transport(format!("cannot reach {}: {e}", cfg.server)))?;
-        *slot = Some(conn.clone());
-        Ok(conn)
+        let seq = Arc::new(AtomicU64::new(0));
+        *slot = Some((conn.clone(), seq.clone()));
+        Ok((conn, seq))
+    }
+
+    async fn connection(&self) -> Result<Connection, ClientError> {
+        Ok(self.slot().await?.0)
+    }
+
+    /// The connection and the next produce sequence on it. Call in the order the produce
+    /// requests must be appended; the node appends them in sequence order per connection.
+    pub async fn ordered_connection(&self) -> Result<(Connection, u64), ClientError> {
+        let (conn, seq) = self.slot().await?;
+        Ok((conn, seq.fetch_add(1, Ordering::Relaxed)))
     }
 
     async fn forget_connection(&self, failed: &Connection) {
         let mut slot = self.inner.conn.lock().await;
-        if slot.as_ref().map(Connection::id) == Some(failed.id()) {
+        if slot.as_ref().map(|(c, _)| c.id()) == Some(failed.id()) {
             *slot = None;
         }
+    }
+
+    /// Sends a produce request on `conn` (from [`ordered_connection`](Self::ordered_connection));
+    /// `Ok(None)` for `acks = none`, where the server does not answer.
+    pub async fn produce_on(
+        &self,
+        conn: &Connection,
+        req: &ProduceRequest,
+    ) -> Result<Option<ProduceResponse>, ClientError> {
+        let result = if req.acks == Acks::None {
+            self.send_on(conn, req).await.map(|()| None)
+        } else {
+            self.exchange::<ProduceRequest, ProduceResponse>(conn, req, u64::from(req.timeout_ms))
+                .await
+                .map(Some)
+        };
+        if matches!(result, Err(ClientError::Transport(_))) {
+            self.forget_connection(conn).await;
+        }
+        result
+    }
+
+    async fn send_on<Req: Message>(&self, conn: &Connection, req: &Req) -> Result<(), ClientError> {
+        let (mut send, mut recv) = conn.open_bi().await?;
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut chunks = request_chunks(req, id);
+        send.write_chunks(&mut chunks).await?;
+        send.finish()?;
+        recv.stop(0);
+        Ok(())
     }
 
     /// Sends one request and waits for its response, once (no retry).
@@ -221,26 +264,6 @@ impl Client {
             .await
             .map_err(|_| ClientError::Timeout(timeout_ms))??;
         decode_response(frame)
-    }
-
-    /// Sends a request whose server answers nothing (produce with `acks = none`): writes it
-    /// and finishes the stream without waiting.
-    pub async fn send_without_response<Req: Message>(&self, req: &Req) -> Result<(), ClientError> {
-        let conn = self.connection().await?;
-        let work = async {
-            let (mut send, mut recv) = conn.open_bi().await?;
-            let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-            let mut chunks = request_chunks(req, id);
-            send.write_chunks(&mut chunks).await?;
-            send.finish()?;
-            recv.stop(0);
-            Ok::<(), ClientError>(())
-        };
-        let result = work.await;
-        if matches!(result, Err(ClientError::Transport(_))) {
-            self.forget_connection(&conn).await;
-        }
-        result
     }
 
     /// Sends a request that is safe to repeat, retrying transport failures and retriable

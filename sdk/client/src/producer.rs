@@ -495,9 +495,12 @@ async fn sender(inner: Arc<Inner>) {
             let Ok(permit) = inner.in_flight.clone().acquire_owned().await else {
                 return;
             };
+            // Sequence numbers are taken here, in the sender's order, so the node appends the
+            // requests in this order even though they travel on separate streams.
+            let slot = inner.client.ordered_connection().await;
             let inner2 = inner.clone();
             tokio::spawn(async move {
-                send_request(&inner2, batches).await;
+                send_request(&inner2, slot, batches).await;
                 drop(permit);
             });
         }
@@ -516,7 +519,11 @@ async fn sender(inner: Arc<Inner>) {
 }
 
 /// Sends one produce request and settles (or requeues) its batches.
-async fn send_request(inner: &Arc<Inner>, batches: Vec<ReadyBatch>) {
+async fn send_request(
+    inner: &Arc<Inner>,
+    slot: Result<(quiver_transport::Connection, u64), ClientError>,
+    batches: Vec<ReadyBatch>,
+) {
     let mut topics: Vec<ProduceTopic> = Vec::new();
     // Batches of one partition are concatenated in order; remember each batch's record offset
     // within its partition's run to compute its base offset from the response.
@@ -555,23 +562,17 @@ async fn send_request(inner: &Arc<Inner>, batches: Vec<ReadyBatch>) {
             }),
         }
     }
-    let req = ProduceRequest {
-        acks: inner.config.acks,
-        timeout_ms: inner.config.request_timeout_ms,
-        topics,
-    };
-    let outcome: Result<Option<ProduceResponse>, ClientError> = if inner.config.acks == Acks::None {
-        inner
-            .client
-            .send_without_response(&req)
-            .await
-            .map(|()| None)
-    } else {
-        inner
-            .client
-            .request_once::<ProduceRequest, ProduceResponse>(&req, u64::from(req.timeout_ms))
-            .await
-            .map(Some)
+    let outcome: Result<Option<ProduceResponse>, ClientError> = match slot {
+        Ok((conn, sequence)) => {
+            let req = ProduceRequest {
+                acks: inner.config.acks,
+                timeout_ms: inner.config.request_timeout_ms,
+                sequence,
+                topics,
+            };
+            inner.client.produce_on(&conn, &req).await
+        }
+        Err(e) => Err(e),
     };
     let mut retry = Vec::new();
     let mut settled = 0usize;
