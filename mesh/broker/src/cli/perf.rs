@@ -4,8 +4,9 @@
 //! - `produce`: K producers write N records (or for D seconds) and report records/s, MB/s and
 //!   acknowledgement latency percentiles (sampled: every `--latency-sample`-th record).
 //! - `consume`: reads N records from the earliest offset and reports records/s and MB/s.
-//! - `e2e`: a producer at `--rate` records/s and a consumer in one process; latency is from
-//!   `send` to the record arriving at the consumer (send time travels in the value).
+//! - `e2e`: a producer at `--rate` records/s and a consumer (own thread, runtime and
+//!   connection) in one process; latency is from `send` to the record arriving at the consumer
+//!   (send time travels in the value).
 //! - `transport`: the raw QUIC stream ceiling to the same node with the same settings, both
 //!   directions, through the `TransportProbe` API.
 
@@ -456,44 +457,60 @@ async fn e2e(a: E2eArgs) -> anyhow::Result<()> {
     }
     let client = connect(&a.common).await?;
     ensure_topic(&client, &a.common).await?;
-    let mut consumer = Consumer::new(
-        client,
-        &a.common.topic,
-        None,
-        ConsumerConfig {
-            fetch_wait_ms_max: 100,
-            ..ConsumerConfig::default()
-        },
-    )
-    .await?;
-    consumer.seek_all(SeekTo::Latest).await?;
     let origin = Instant::now();
     let expected = a.producer.count;
-    let consumer_task = tokio::spawn(async move {
-        let mut hist = histogram();
-        let mut seen = 0u64;
-        let give_up = Duration::from_secs(10);
-        let mut last = Instant::now();
-        while seen < expected && last.elapsed() < give_up {
-            let batch = consumer.poll().await?;
-            if !batch.is_empty() {
-                last = Instant::now();
-            }
-            let now_us = origin.elapsed().as_micros() as u64;
-            for r in &batch {
-                if let Some(v) = r.value.as_ref().filter(|v| v.len() >= 8) {
-                    let mut b = [0u8; 8];
-                    b.copy_from_slice(&v[..8]);
-                    let sent = u64::from_le_bytes(b);
-                    let _ = hist.record(now_us.saturating_sub(sent).max(1));
+    // The consumer gets its own thread, runtime and connection, as a separate consumer
+    // process would: sharing the producer's runtime would measure scheduling between the two.
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let common = a.common.clone();
+    let consumer_thread = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async move {
+            let client = connect(&common).await?;
+            let mut consumer = Consumer::new(
+                client,
+                &common.topic,
+                None,
+                ConsumerConfig {
+                    fetch_wait_ms_max: 100,
+                    ..ConsumerConfig::default()
+                },
+            )
+            .await?;
+            consumer.seek_all(SeekTo::Latest).await?;
+            let _ = ready_tx.send(());
+            let mut hist = histogram();
+            let mut seen = 0u64;
+            let give_up = Duration::from_secs(10);
+            let mut last = Instant::now();
+            while seen < expected && last.elapsed() < give_up {
+                let batch = consumer.poll().await?;
+                if !batch.is_empty() {
+                    last = Instant::now();
                 }
+                let now_us = origin.elapsed().as_micros() as u64;
+                for r in &batch {
+                    if let Some(v) = r.value.as_ref().filter(|v| v.len() >= 8) {
+                        let mut b = [0u8; 8];
+                        b.copy_from_slice(&v[..8]);
+                        let sent = u64::from_le_bytes(b);
+                        let _ = hist.record(now_us.saturating_sub(sent).max(1));
+                    }
+                }
+                seen += batch.len() as u64;
             }
-            seen += batch.len() as u64;
-        }
-        Ok::<_, quiver_client::ClientError>((seen, hist))
+            Ok::<_, anyhow::Error>((seen, hist))
+        })
     });
+    ready_rx
+        .await
+        .map_err(|_| anyhow::anyhow!("the consumer failed to start"))?;
     let out = drive_producers(&a.common, &a.producer, a.rate, Some(origin)).await?;
-    let (seen, hist) = consumer_task.await??;
+    let (seen, hist) = tokio::task::spawn_blocking(move || consumer_thread.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("the consumer thread panicked"))??;
     let secs = out.elapsed.as_secs_f64();
     report(
         "e2e",
