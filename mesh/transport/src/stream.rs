@@ -164,9 +164,34 @@ impl RecvStream {
     /// Read exactly `n` bytes into a fresh buffer; [`TransportError::UnexpectedEnd`] if the
     /// stream ends first. The caller bounds `n` (it allocates up front).
     pub async fn read_exact_bytes(&mut self, n: usize) -> Result<Bytes, TransportError> {
-        let mut buf = vec![0; n];
-        self.read_exact(&mut buf).await?;
-        Ok(Bytes::from(buf))
+        // Gather quinn's chunks without zero-filling the buffer first; a frame that arrives
+        // as one chunk is returned without any copy.
+        let mut buf: Option<bytes::BytesMut> = None;
+        let mut first: Option<Bytes> = None;
+        let mut have = 0;
+        while have < n {
+            let chunk = self
+                .read_chunk(n - have)
+                .await?
+                .ok_or(TransportError::UnexpectedEnd)?;
+            have += chunk.len();
+            match (&mut buf, first.take()) {
+                (None, None) if have == n => return Ok(chunk),
+                (None, None) => first = Some(chunk),
+                (None, Some(f)) => {
+                    let mut b = bytes::BytesMut::with_capacity(n);
+                    b.extend_from_slice(&f);
+                    b.extend_from_slice(&chunk);
+                    buf = Some(b);
+                }
+                (Some(b), _) => b.extend_from_slice(&chunk),
+            }
+        }
+        Ok(match (buf, first) {
+            (Some(b), _) => b.freeze(),
+            (None, Some(f)) => f,
+            (None, None) => Bytes::new(),
+        })
     }
 
     /// Fill `buf`; [`TransportError::UnexpectedEnd`] if the stream ends first.
@@ -180,15 +205,30 @@ impl RecvStream {
     /// Read to the end of the stream; [`TransportError::TooLong`] if more than `limit_bytes`
     /// arrive (the stream is then stopped).
     pub async fn read_to_end(&mut self, limit_bytes: usize) -> Result<Bytes, TransportError> {
-        match self.0.read_to_end(limit_bytes).await {
-            Ok(data) => Ok(Bytes::from(data)),
-            Err(quinn::ReadToEndError::TooLong) => {
+        // Keep quinn's chunks and copy them once into a buffer of the exact size (a growing
+        // Vec would copy large responses several times); a single chunk is not copied at all.
+        let mut chunks: Vec<Bytes> = Vec::new();
+        let mut total = 0usize;
+        while let Some(chunk) = self.read_chunk(usize::MAX).await? {
+            total += chunk.len();
+            if total > limit_bytes {
                 // Tell the peer to stop sending rather than draining what we will not use.
                 let _ = self.0.stop(VarInt::from_u32(0));
-                Err(TransportError::TooLong { limit_bytes })
+                return Err(TransportError::TooLong { limit_bytes });
             }
-            Err(quinn::ReadToEndError::Read(e)) => Err(read_error(e)),
+            chunks.push(chunk);
         }
+        Ok(match chunks.len() {
+            0 => Bytes::new(),
+            1 => chunks.pop().unwrap_or_default(),
+            _ => {
+                let mut buf = bytes::BytesMut::with_capacity(total);
+                for c in &chunks {
+                    buf.extend_from_slice(c);
+                }
+                buf.freeze()
+            }
+        })
     }
 
     /// Read the next chunk of at most `max` bytes without copying; `None` at the end.
