@@ -516,3 +516,56 @@ async fn pipelined_produce_requests_keep_their_order() {
     .await
     .expect("test finished in time");
 }
+
+/// How and why: a client that opens a request and never finishes it must neither hold a
+/// node's shutdown for the whole grace period nor keep a transport probe open forever. The
+/// grace period and read timeout are set far above the test's own bound, so only the fixes
+/// (reads that stop at shutdown, probe chunks bounded by the read timeout) let it pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_requests_neither_block_shutdown_nor_probes_forever() {
+    use quiver_proto::ApiKey;
+    use quiver_proto::frame::frame_prefix;
+    use quiver_proto::messages::{Message, ProbeDirection, TransportProbeRequest};
+    let dir = tempfile::tempdir().unwrap();
+    // A stalled probe upload is answered once a chunk takes longer than the read timeout.
+    let node = start(dir.path(), |c| c.request_read_ms_max = 500).await;
+    let c = client(&node).await;
+    let (mut send, mut recv) = c.open_raw().await.unwrap();
+    let body = TransportProbeRequest {
+        direction: ProbeDirection::Upload,
+        bytes: 0,
+    }
+    .to_bytes();
+    send.write_chunks(&mut [
+        frame_prefix(ApiKey::TransportProbe.code(), 1, 9, body.len()),
+        body,
+        Bytes::from_static(b"some bytes"),
+    ])
+    .await
+    .unwrap();
+    // ... and then nothing more, without finishing.
+    let frame = tokio::time::timeout(Duration::from_secs(30), recv.read_to_end(1 << 16))
+        .await
+        .expect("the node answered the stalled probe")
+        .unwrap();
+    let (h, _) = quiver_proto::ResponseHeader::decode(frame).unwrap();
+    assert_eq!(
+        quiver_proto::ErrorCode::from_code(h.error),
+        quiver_proto::ErrorCode::RequestTimedOut
+    );
+    node.shutdown().await;
+
+    // Shutdown with a half-sent request in flight: bounded well below the 10-minute grace.
+    let node = start(dir.path(), |c| {
+        c.request_read_ms_max = 600_000;
+        c.shutdown_grace_ms = 600_000;
+    })
+    .await;
+    let c = client(&node).await;
+    let (mut send, _recv) = c.open_raw().await.unwrap();
+    send.write_all(&[1, 2]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    tokio::time::timeout(Duration::from_secs(60), node.shutdown())
+        .await
+        .expect("shutdown was not held up by the stalled request");
+}
