@@ -718,16 +718,9 @@ impl Message for ProduceRequest {
         chunks
     }
     fn encode(&self, w: &mut Writer) {
-        w.u8(self.acks.code());
-        w.u32(self.timeout_ms);
-        w.u64(self.sequence);
-        put_vec(w, &self.topics, |w, t| {
-            w.string(&t.name);
-            put_vec(w, &t.partitions, |w, p| {
-                w.u32(p.partition);
-                w.bytes(&p.records);
-            });
-        });
+        for c in self.encode_chunks() {
+            w.buffer_mut().extend_from_slice(&c);
+        }
     }
     fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
         let acks = Acks::from_code(r.u8("acks")?).ok_or(DecodeError::Invalid("acks"))?;
