@@ -122,8 +122,14 @@ impl Broker {
             if name.ends_with(".deleted") {
                 tracing::info!(path = %path.display(), "removing the rest of a deleted partition");
                 std::fs::remove_dir_all(&path)?;
-            } else if !keep.contains(&path) && !name.ends_with(".orphaned") {
-                let aside = path.with_file_name(format!("{name}.orphaned"));
+            } else if !keep.contains(&path) && !name.contains(".orphaned") {
+                let aside = (0..)
+                    .map(|n| match n {
+                        0 => path.with_file_name(format!("{name}.orphaned")),
+                        n => path.with_file_name(format!("{name}.orphaned.{n}")),
+                    })
+                    .find(|p| !p.exists())
+                    .unwrap_or_else(|| path.with_file_name(format!("{name}.orphaned.last")));
                 tracing::warn!(path = %path.display(), moved_to = %aside.display(), "partition directory of an unknown topic moved aside");
                 std::fs::rename(&path, &aside)?;
             }

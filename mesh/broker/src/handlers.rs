@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::Broker;
-use crate::order::ProduceOrder;
+use crate::order::Turn;
 use crate::partition::{Partition, PartitionError};
 
 /// Limits the handlers enforce, from the node configuration.
@@ -209,13 +209,14 @@ fn prepare_batches(
 
 /// Appends batches; `None` when the producer asked for no acknowledgement.
 ///
-/// Every partition's batches are validated first; then, in the connection's produce order
-/// (`order`), all of them are queued to their partitions; then the outcomes are awaited.
+/// Every partition's batches are validated first; then, holding the request's `turn` in its
+/// connection's produce order, all of them are queued to their partitions; then the outcomes
+/// are awaited.
 pub async fn produce(
     broker: &Broker,
     limits: &HandlerLimits,
     req: ProduceRequest,
-    order: &Arc<ProduceOrder>,
+    turn: Option<Turn>,
 ) -> Option<ProduceResponse> {
     let deadline = Duration::from_millis(u64::from(req.timeout_ms.max(1)));
     let mut prepared = Vec::new();
@@ -246,7 +247,6 @@ pub async fn produce(
     }
     // Queue in the producer's order; the turn is released as soon as everything is queued,
     // so the next request's appends can queue up behind these while they complete.
-    let turn = order.turn(req.sequence).await;
     let mut pending = Vec::with_capacity(prepared.len());
     for (part, batches) in prepared {
         pending.push(part.enqueue(batches).await);

@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use quiver_proto::codec::Writer;
-use quiver_proto::frame::{FRAME_LENGTH_BYTES, check_length_prefix, frame_prefix};
+use quiver_proto::frame::{
+    FRAME_HEADER_BYTES, FRAME_LENGTH_BYTES, check_length_prefix, frame_prefix,
+};
 use quiver_proto::messages::*;
 use quiver_proto::{ApiKey, ErrorCode, RequestHeader};
 use quiver_transport::{Connection, RecvStream, SendStream, Server, ServerIdentity};
@@ -22,7 +24,7 @@ use tokio_util::task::TaskTracker;
 use crate::broker::Broker;
 use crate::config::BrokerConfig;
 use crate::handlers::{self, HandlerLimits};
-use crate::order::ProduceOrder;
+use crate::order::{ProduceOrder, Turn};
 
 /// QUIC application close code sent to clients when the node shuts down.
 pub const CLOSE_SHUTDOWN: u32 = 1;
@@ -268,27 +270,10 @@ async fn serve_stream(
             return;
         }
     };
-    // Reserve the frame's bytes before reading them, so many large requests in flight at once
-    // cannot add up past the node's bound; they wait for each other instead. `length` is at
-    // most `request_bytes_max`, which the semaphore's size covers.
-    let permit = match read_bounded(&shared, async {
-        shared
-            .request_bytes
-            .clone()
-            .acquire_many_owned(length as u32)
-            .await
-            .map_err(|_| quiver_transport::TransportError::Closed)
-    })
-    .await
-    {
-        Ok(p) => p,
-        Err((code, message)) => {
-            recv.stop(STREAM_REFUSED);
-            respond_error(&mut send, 0, 0, code, &message).await;
-            return;
-        }
-    };
-    let rest = match read_bounded(&shared, recv.read_exact_bytes(length)).await {
+    // The fixed part of the header first: it says whether this is a produce, whose turn in
+    // its connection's order must come before it may reserve memory for its body.
+    const HEAD_BYTES: usize = FRAME_HEADER_BYTES - FRAME_LENGTH_BYTES;
+    let head = match read_bounded(&shared, recv.read_exact_bytes(HEAD_BYTES)).await {
         Ok(b) => b,
         Err((code, message)) => {
             if code != ErrorCode::InvalidRequest {
@@ -298,14 +283,79 @@ async fn serve_stream(
             return;
         }
     };
-    let (header, body) = match RequestHeader::decode_after_prefix(rest) {
-        Ok(x) => x,
+    let header = match RequestHeader::decode_after_prefix(head) {
+        Ok((h, _)) => h,
         Err(e) => {
             respond_error(&mut send, 0, 0, ErrorCode::InvalidRequest, &e.to_string()).await;
             return;
         }
     };
     let (api_code, id) = (header.api, header.request_id);
+    let body_bytes = length - HEAD_BYTES;
+    // A produce reads its fixed fields and waits for its turn before reserving memory: a
+    // request holding memory never waits on another request, so the node-wide bound cannot
+    // deadlock with the ordering.
+    let mut produce = None;
+    let mut rest_bytes = body_bytes;
+    if header.api == ApiKey::Produce.code()
+        && header.version == 1
+        && body_bytes >= ProduceRequest::FIXED_BYTES
+    {
+        let fixed =
+            match read_bounded(&shared, recv.read_exact_bytes(ProduceRequest::FIXED_BYTES)).await {
+                Ok(b) => b,
+                Err((code, message)) => {
+                    recv.stop(STREAM_REFUSED);
+                    respond_error(&mut send, api_code, id, code, &message).await;
+                    return;
+                }
+            };
+        let sequence = ProduceRequest::peek_sequence(&fixed).unwrap_or(UNORDERED_SEQUENCE);
+        let turn = tokio::select! {
+            t = order.turn(sequence) => match t {
+                Ok(t) => t,
+                Err(e) => {
+                    recv.stop(STREAM_REFUSED);
+                    respond_error(&mut send, api_code, id, ErrorCode::InvalidRequest, &e.to_string()).await;
+                    return;
+                }
+            },
+            _ = shared.shutdown.cancelled() => {
+                respond_error(&mut send, api_code, id, ErrorCode::ShuttingDown, "node is shutting down").await;
+                return;
+            }
+        };
+        rest_bytes -= ProduceRequest::FIXED_BYTES;
+        produce = Some((fixed, turn));
+    }
+    let permit = match read_bounded(&shared, async {
+        shared
+            .request_bytes
+            .clone()
+            .acquire_many_owned(rest_bytes as u32)
+            .await
+            .map_err(|_| quiver_transport::TransportError::Closed)
+    })
+    .await
+    {
+        Ok(p) => p,
+        Err((code, message)) => {
+            recv.stop(STREAM_REFUSED);
+            respond_error(&mut send, api_code, id, code, &message).await;
+            return;
+        }
+    };
+    let rest = match read_bounded(&shared, recv.read_exact_bytes(rest_bytes)).await {
+        Ok(b) => b,
+        Err((code, message)) => {
+            if code != ErrorCode::InvalidRequest {
+                recv.stop(STREAM_REFUSED);
+            }
+            respond_error(&mut send, api_code, id, code, &message).await;
+            return;
+        }
+    };
+    // Request-level checks once the whole frame is in, as for a frame of any other shape.
     if shared.shutdown.is_cancelled() {
         respond_error(
             &mut send,
@@ -339,7 +389,11 @@ async fn serve_stream(
         .await;
         return;
     }
-    let outcome = dispatch(&shared, &order, api, body, &mut recv, &mut send).await;
+    let body = match produce {
+        Some((fixed, turn)) => Body::Produce { fixed, rest, turn },
+        None => Body::Whole(rest),
+    };
+    let outcome = dispatch(&shared, api, body, &mut recv, &mut send).await;
     // The request's bytes are released once handled; the response holds its own.
     drop(permit);
     match outcome {
@@ -372,15 +426,39 @@ fn one<M: Message>(m: &M) -> Option<Vec<Bytes>> {
     Some(vec![m.to_bytes()])
 }
 
+/// A request body as read: whole, or (for produce) its fixed fields and the rest, holding
+/// the request's turn in its connection's produce order.
+enum Body {
+    Whole(Bytes),
+    Produce {
+        fixed: Bytes,
+        rest: Bytes,
+        turn: Option<Turn>,
+    },
+}
+
 async fn dispatch(
     shared: &Shared,
-    order: &Arc<ProduceOrder>,
     api: ApiKey,
-    body: Bytes,
+    body: Body,
     recv: &mut RecvStream,
     send: &mut SendStream,
 ) -> DispatchResult {
     let broker = &shared.broker;
+    let body = match body {
+        Body::Produce { fixed, rest, turn } => {
+            let req = ProduceRequest::decode_split(fixed, rest).map_err(|e| {
+                (
+                    ErrorCode::InvalidRequest,
+                    format!("malformed Produce request: {e}"),
+                )
+            })?;
+            return Ok(handlers::produce(broker, &shared.limits, req, turn)
+                .await
+                .map(|r| r.encode_chunks()));
+        }
+        Body::Whole(b) => b,
+    };
     Ok(match api {
         ApiKey::ApiVersions => {
             decode::<ApiVersionsRequest>(body)?;
@@ -398,9 +476,10 @@ async fn dispatch(
             one(&handlers::list_topics(broker))
         }
         ApiKey::DescribeTopics => one(&handlers::describe_topics(broker, decode(body)?)),
-        ApiKey::Produce => handlers::produce(broker, &shared.limits, decode(body)?, order)
+        // A produce body shorter than its fixed fields (otherwise handled above).
+        ApiKey::Produce => handlers::produce(broker, &shared.limits, decode(body)?, None)
             .await
-            .map(|r| vec![r.to_bytes()]),
+            .map(|r| r.encode_chunks()),
         ApiKey::Fetch => {
             let resp =
                 handlers::fetch(broker, &shared.limits, decode(body)?, &shared.shutdown).await;

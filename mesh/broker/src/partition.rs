@@ -295,6 +295,11 @@ async fn appender(
     let mut dirty = false;
     let mut closed = false;
     let mut background: Option<JoinHandle<()>> = None;
+    // Set when an fsync fails: the page cache may have dropped the data, so nothing appended
+    // since the last good fsync can be trusted. The partition then refuses appends and never
+    // moves its high watermark until the node restarts and recovery re-reads the log (Kafka
+    // takes the log directory offline in the same situation).
+    let fenced = Arc::new(std::sync::atomic::AtomicBool::new(false));
     loop {
         let first = tokio::select! {
             job = rx.recv() => match job {
@@ -303,10 +308,11 @@ async fn appender(
             },
             _ = tick.tick(), if !sync_each && dirty && background.as_ref().is_none_or(|b| b.is_finished()) => {
                 dirty = false;
-                let log = log.clone();
+                let (log, fenced) = (log.clone(), fenced.clone());
                 background = Some(tokio::task::spawn_blocking(move || {
                     if let Err(e) = flush_unlocked(&log) {
-                        tracing::error!(error = %e, "interval flush failed");
+                        tracing::error!(error = %e, "interval flush failed; partition fenced until restart");
+                        fenced.store(true, std::sync::atomic::Ordering::SeqCst);
                     }
                 }));
                 continue;
@@ -325,6 +331,15 @@ async fn appender(
                 Err(_) => break,
             }
         }
+        if fenced.load(std::sync::atomic::Ordering::SeqCst) {
+            for job in jobs {
+                let _ = job.reply.send(Err(PartitionError::new(
+                    ErrorCode::StorageError,
+                    "partition is fenced after a failed fsync; restart the node to recover it",
+                )));
+            }
+            continue;
+        }
         let group_log = log.clone();
         let outcome =
             tokio::task::spawn_blocking(move || append_group(&group_log, jobs, sync_each)).await;
@@ -337,8 +352,13 @@ async fn appender(
                 continue;
             }
         };
-        if let Some(hw) = new_hw {
-            advance(&high_watermark, hw);
+        match new_hw {
+            Some(hw) => advance(&high_watermark, hw),
+            None if sync_each => {
+                tracing::error!("fsync failed; partition fenced until restart");
+                fenced.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            None => {}
         }
         for (job, result) in jobs.into_iter().zip(results) {
             let _ = job.reply.send(result);
@@ -347,6 +367,9 @@ async fn appender(
     }
     if let Some(b) = background {
         let _ = b.await;
+    }
+    if fenced.load(std::sync::atomic::Ordering::SeqCst) {
+        return;
     }
     let final_log = log.clone();
     match tokio::task::spawn_blocking(move || flush_unlocked(&final_log)).await {

@@ -80,6 +80,8 @@
 //!    contiguous offsets starting at the segment's base. At the first failure (a torn or
 //!    corrupt tail) the file is truncated there (`set_len`, then fsync). Its indexes are rebuilt
 //!    from the scan and rewritten unless the files already hold exactly that.
+//!    The active segment is then fdatasynced: data that survived a process crash only in the
+//!    page cache becomes durable before `durable_end_offset` counts it.
 //! 3. Older segments are not scanned: their indexes are loaded and checked (whole entries, both
 //!    fields strictly increasing, relative offsets below the next segment's base, positions
 //!    inside the file, a time entry if non-empty). Failing that, or missing, they are rebuilt by

@@ -219,6 +219,13 @@ impl PartitionLog {
         if active.size_bytes > 0 {
             writer.first_append_ms = Some(now_ms);
         }
+        // What survived a crash may still be only in the page cache (never fsynced, never
+        // acknowledged under the batch policy). Make it durable before calling it durable, so
+        // a later power loss cannot take back records consumers have read.
+        active
+            .log
+            .sync_data()
+            .map_err(io_err("sync", &active.path))?;
         let size_bytes = sealed.iter().map(|s| s.size_bytes).sum::<u64>() + active.size_bytes;
         report.segments = sealed.len() + 1;
         let log = Self {

@@ -693,6 +693,54 @@ pub struct ProduceResponse {
     pub topics: Vec<ProduceTopicResponse>,
 }
 
+impl ProduceRequest {
+    /// Bytes of the fixed fields at the start of a produce body: `acks`, `timeout_ms`,
+    /// `sequence`. A server can read them first, wait for the request's turn, and only then
+    /// reserve memory for the rest.
+    pub const FIXED_BYTES: usize = 13;
+
+    /// The `sequence` field of a body's first [`FIXED_BYTES`](Self::FIXED_BYTES) bytes.
+    pub fn peek_sequence(fixed: &[u8]) -> Option<u64> {
+        let b: [u8; 8] = fixed.get(5..13)?.try_into().ok()?;
+        Some(u64::from_le_bytes(b))
+    }
+
+    /// Decodes a body received in two parts: the fixed fields, then the rest.
+    pub fn decode_split(fixed: Bytes, rest: Bytes) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(fixed);
+        let (acks, timeout_ms, sequence) = Self::decode_fixed(&mut r)?;
+        r.finish()?;
+        let mut r = Reader::new(rest);
+        let topics = Self::decode_topics(&mut r)?;
+        r.finish()?;
+        Ok(Self {
+            acks,
+            timeout_ms,
+            sequence,
+            topics,
+        })
+    }
+
+    fn decode_fixed(r: &mut Reader) -> Result<(Acks, u32, u64), DecodeError> {
+        let acks = Acks::from_code(r.u8("acks")?).ok_or(DecodeError::Invalid("acks"))?;
+        Ok((acks, r.u32("timeout_ms")?, r.u64("sequence")?))
+    }
+
+    fn decode_topics(r: &mut Reader) -> Result<Vec<ProduceTopic>, DecodeError> {
+        get_vec(r, "topics", 6, |r| {
+            Ok(ProduceTopic {
+                name: r.string("name")?,
+                partitions: get_vec(r, "partitions", 8, |r| {
+                    Ok(ProducePartition {
+                        partition: r.u32("partition")?,
+                        records: r.bytes("records")?,
+                    })
+                })?,
+            })
+        })
+    }
+}
+
 impl Message for ProduceRequest {
     const API: ApiKey = ApiKey::Produce;
     fn encode_chunks(&self) -> Vec<Bytes> {
@@ -723,22 +771,12 @@ impl Message for ProduceRequest {
         }
     }
     fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
-        let acks = Acks::from_code(r.u8("acks")?).ok_or(DecodeError::Invalid("acks"))?;
+        let (acks, timeout_ms, sequence) = Self::decode_fixed(r)?;
         Ok(Self {
             acks,
-            timeout_ms: r.u32("timeout_ms")?,
-            sequence: r.u64("sequence")?,
-            topics: get_vec(r, "topics", 6, |r| {
-                Ok(ProduceTopic {
-                    name: r.string("name")?,
-                    partitions: get_vec(r, "partitions", 8, |r| {
-                        Ok(ProducePartition {
-                            partition: r.u32("partition")?,
-                            records: r.bytes("records")?,
-                        })
-                    })?,
-                })
-            })?,
+            timeout_ms,
+            sequence,
+            topics: Self::decode_topics(r)?,
         })
     }
 }
@@ -1132,6 +1170,27 @@ mod tests {
         for cut in 0..bytes.len() {
             let _ = M::from_bytes(bytes.slice(..cut));
         }
+    }
+
+    #[test]
+    fn produce_decodes_in_two_parts() {
+        let req = ProduceRequest {
+            acks: Acks::Leader,
+            timeout_ms: 5,
+            sequence: 42,
+            topics: vec![ProduceTopic {
+                name: "t".into(),
+                partitions: vec![ProducePartition {
+                    partition: 3,
+                    records: Bytes::from_static(b"batch"),
+                }],
+            }],
+        };
+        let body = req.to_bytes();
+        let fixed = body.slice(..ProduceRequest::FIXED_BYTES);
+        assert_eq!(ProduceRequest::peek_sequence(&fixed), Some(42));
+        let rest = body.slice(ProduceRequest::FIXED_BYTES..);
+        assert_eq!(ProduceRequest::decode_split(fixed, rest).unwrap(), req);
     }
 
     #[test]

@@ -208,15 +208,15 @@ impl Consumer {
             .client
             .request(&req, u64::from(self.config.fetch_wait_ms_max))
             .await?;
+        // Decode every partition first and move positions only when all succeeded: an error
+        // must not leave a position past records that were never handed out.
         let mut out = Vec::new();
+        let mut advanced = Vec::new();
+        let mut resets = Vec::new();
         for t in resp.topics {
             for p in t.partitions {
                 if p.status.code == ErrorCode::OffsetOutOfRange {
-                    match self.config.offset_reset {
-                        OffsetReset::Earliest => self.seek(p.partition, SeekTo::Earliest).await?,
-                        OffsetReset::Latest => self.seek(p.partition, SeekTo::Latest).await?,
-                        OffsetReset::Fail => return Err(ClientError::server(&p.status)),
-                    }
+                    resets.push(p.partition);
                     continue;
                 }
                 if !p.status.is_ok() {
@@ -227,7 +227,28 @@ impl Consumer {
                     continue;
                 };
                 let next = decode_records(&self.topic, p.partition, &p.records, pos, &mut out)?;
-                self.positions.insert(p.partition, next.max(pos));
+                advanced.push((p.partition, next.max(pos)));
+            }
+        }
+        for (partition, next) in advanced {
+            self.positions.insert(partition, next);
+        }
+        for partition in resets {
+            let to = match self.config.offset_reset {
+                OffsetReset::Earliest => SeekTo::Earliest,
+                OffsetReset::Latest => SeekTo::Latest,
+                // Hand out what was read; the next poll reports the error again.
+                OffsetReset::Fail if !out.is_empty() => continue,
+                OffsetReset::Fail => {
+                    return Err(ClientError::Server {
+                        code: ErrorCode::OffsetOutOfRange,
+                        message: format!("partition {partition}: position out of range"),
+                    });
+                }
+            };
+            // The records decoded above are kept even if a reset fails: report it next poll.
+            if let Err(e) = self.seek(partition, to).await {
+                tracing::warn!(partition, error = %e, "offset reset failed");
             }
         }
         Ok(out)

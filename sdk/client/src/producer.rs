@@ -3,11 +3,15 @@
 //! them on the wire at once, and every record gets a future that resolves to its partition and
 //! offset.
 //!
+//! Order: the sender numbers its produce requests per connection and the node appends them in
+//! that order, so records of a partition are stored in the order they were sent, with several
+//! requests in flight.
+//!
 //! Delivery is at-least-once: a request that fails in a way that leaves its outcome unknown (a
 //! lost connection, a timeout) is retried, and if the first attempt had in fact been appended
-//! the records are stored twice. With more than one request in flight, a retried batch can also
-//! land after a later batch of the same partition. The idempotent producer (roadmap) removes
-//! both; until then set `in_flight_max = 1` when per-partition order across retries matters.
+//! the records are stored twice. A retried batch is a new request, so it can also land after
+//! batches sent later. The idempotent producer (roadmap) removes both; until then set
+//! `retries_max = 0` when order must survive failures (failed records then surface as errors).
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
