@@ -31,6 +31,9 @@ pub struct BrokerConfig {
     /// Bytes of requests being read or handled at once across all connections; requests
     /// beyond it wait (flow control pushes back to the clients).
     pub in_flight_request_bytes_max: usize,
+    /// Bytes of fetch responses being read or sent at once across all connections; fetches
+    /// beyond it wait.
+    pub in_flight_fetch_bytes_max: usize,
     /// Longest time a client may take to send a whole request, ms.
     pub request_read_ms_max: u64,
     /// Longest fetch long-poll, ms (a request asking longer is capped).
@@ -61,6 +64,7 @@ impl Default for BrokerConfig {
             tls_dev_names: Vec::new(),
             request_bytes_max: 64 << 20,
             in_flight_request_bytes_max: 256 << 20,
+            in_flight_fetch_bytes_max: 256 << 20,
             request_read_ms_max: 30_000,
             fetch_wait_ms_max: 30_000,
             fetch_bytes_max: 64 << 20,

@@ -126,8 +126,19 @@ pub fn list_topics(broker: &Broker) -> ListTopicsResponse {
     }
 }
 
-/// Settings and offsets of topics.
-pub fn describe_topics(broker: &Broker, req: DescribeTopicsRequest) -> DescribeTopicsResponse {
+/// Settings and offsets of topics; reads partition state on a blocking thread (it takes the
+/// logs' read locks, which a segment roll may hold for a while).
+pub async fn describe_topics(
+    broker: &Arc<Broker>,
+    req: DescribeTopicsRequest,
+) -> DescribeTopicsResponse {
+    let broker = broker.clone();
+    tokio::task::spawn_blocking(move || describe_topics_blocking(&broker, req))
+        .await
+        .unwrap_or_default()
+}
+
+fn describe_topics_blocking(broker: &Broker, req: DescribeTopicsRequest) -> DescribeTopicsResponse {
     let topics = req
         .names
         .into_iter()
@@ -314,7 +325,8 @@ pub async fn fetch(
     let min_bytes = req.min_bytes as usize;
 
     let mut response = FetchResponse::default();
-    let mut slots = Vec::new();
+    let mut slots: Vec<FetchSlot> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     let mut slot_index = Vec::new();
     for (ti, t) in req.topics.into_iter().enumerate() {
         let mut parts = Vec::with_capacity(t.partitions.len());
@@ -326,6 +338,17 @@ pub async fn fetch(
                 log_start_offset: 0,
                 records: bytes::Bytes::new(),
             };
+            if !seen.insert((t.name.clone(), p.partition)) {
+                // Listed twice: answered once, so a request cannot multiply the work it asks for.
+                parts.push(FetchPartitionResponse {
+                    status: Status::err(
+                        ErrorCode::InvalidRequest,
+                        format!("partition {}/{} listed more than once", t.name, p.partition),
+                    ),
+                    ..resp
+                });
+                continue;
+            }
             match broker.partition(&t.name, p.partition) {
                 Ok(part) => {
                     slot_index.push((ti, parts.len()));
@@ -397,6 +420,7 @@ async fn read_slots(slots: &[FetchSlot], max_bytes: usize) -> Vec<(usize, FetchP
         .collect();
     let result = tokio::task::spawn_blocking(move || {
         let mut budget = max_bytes;
+        let mut served = false;
         work.into_iter()
             .enumerate()
             .map(|(i, (part, offset, part_max))| {
@@ -411,12 +435,14 @@ async fn read_slots(slots: &[FetchSlot], max_bytes: usize) -> Vec<(usize, FetchP
                     log_start_offset,
                     records: bytes::Bytes::new(),
                 };
-                // Once the budget is spent the remaining partitions answer empty; the first
-                // partition with data always gets at least one whole batch.
+                // Once the budget is spent the remaining partitions answer empty. Only while
+                // nothing has been served may a batch larger than the budget go out whole (so a
+                // consumer always progresses): a response holds at most one such batch.
                 let allowed = part_max.min(budget);
-                if allowed > 0 || budget == max_bytes {
+                if allowed > 0 || !served {
                     match part.read_blocking(offset, allowed.max(1)) {
                         Ok(bytes) => {
+                            served |= !bytes.is_empty();
                             budget = budget.saturating_sub(bytes.len());
                             resp.records = bytes;
                         }

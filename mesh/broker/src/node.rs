@@ -42,6 +42,8 @@ struct Shared {
     /// Bytes of request frames being read or handled, across all connections: a frame's
     /// length is reserved before its bytes are read.
     request_bytes: Arc<tokio::sync::Semaphore>,
+    /// Bytes fetch responses may hold at once across all connections.
+    fetch_bytes: Arc<tokio::sync::Semaphore>,
     shutdown: CancellationToken,
     requests: TaskTracker,
 }
@@ -110,6 +112,11 @@ impl Node {
                 config
                     .in_flight_request_bytes_max
                     .max(config.request_bytes_max),
+            )),
+            fetch_bytes: Arc::new(tokio::sync::Semaphore::new(
+                config
+                    .in_flight_fetch_bytes_max
+                    .max(config.fetch_bytes_max as usize),
             )),
             shutdown: CancellationToken::new(),
             requests: TaskTracker::new(),
@@ -475,14 +482,26 @@ async fn dispatch(
             decode::<ListTopicsRequest>(body)?;
             one(&handlers::list_topics(broker))
         }
-        ApiKey::DescribeTopics => one(&handlers::describe_topics(broker, decode(body)?)),
+        ApiKey::DescribeTopics => one(&handlers::describe_topics(broker, decode(body)?).await),
         // A produce body shorter than its fixed fields (otherwise handled above).
         ApiKey::Produce => handlers::produce(broker, &shared.limits, decode(body)?, None)
             .await
             .map(|r| r.encode_chunks()),
         ApiKey::Fetch => {
-            let resp =
-                handlers::fetch(broker, &shared.limits, decode(body)?, &shared.shutdown).await;
+            let req: FetchRequest = decode(body)?;
+            // Responses count against a node-wide bound too: reserve what this fetch may
+            // return (plus, at most, one batch over it) before reading anything.
+            let bytes = req.max_bytes.min(shared.limits.fetch_bytes_max).max(1);
+            let _permit = read_bounded(shared, async {
+                shared
+                    .fetch_bytes
+                    .clone()
+                    .acquire_many_owned(bytes)
+                    .await
+                    .map_err(|_| quiver_transport::TransportError::Closed)
+            })
+            .await?;
+            let resp = handlers::fetch(broker, &shared.limits, req, &shared.shutdown).await;
             Some(resp.encode_chunks())
         }
         ApiKey::ListOffsets => one(&handlers::list_offsets(broker, decode(body)?).await),

@@ -360,6 +360,15 @@ async fn appender(
             }
             None => {}
         }
+        if results
+            .iter()
+            .any(|r| matches!(r, Err(e) if e.code == ErrorCode::StorageError))
+        {
+            // A failed write may have left part of a request in the log; stop writing until
+            // recovery has looked at it (the producer was told the request failed).
+            tracing::error!("append failed; partition fenced until restart");
+            fenced.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
         for (job, result) in jobs.into_iter().zip(results) {
             let _ = job.reply.send(result);
         }

@@ -570,3 +570,57 @@ async fn stalled_requests_neither_block_shutdown_nor_probes_forever() {
         .await
         .expect("shutdown was not held up by the stalled request");
 }
+
+/// How and why: a fetch's work must be bounded by its own budget: with `max_bytes` 0 only one
+/// batch in total may go out (so a consumer still progresses), and a partition listed twice is
+/// answered once, so a small request cannot make the node read without bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_budget_bounds_the_work_of_one_request() {
+    use quiver_proto::messages::{FetchPartition, FetchRequest, FetchResponse, FetchTopic};
+    tokio::time::timeout(TIMEOUT, async {
+        let dir = tempfile::tempdir().unwrap();
+        let node = start(dir.path(), |_| {}).await;
+        let c = client(&node).await;
+        c.create_topic("budget", 2, &[]).await.unwrap();
+        let producer = Producer::new(c.clone(), ProducerConfig::default());
+        let mut acks = Vec::new();
+        for p in [0, 1] {
+            acks.push(
+                producer
+                    .send(ProducerRecord::new("budget", vec![b'v'; 500]).partition(p))
+                    .await
+                    .unwrap(),
+            );
+        }
+        for a in acks {
+            a.await.unwrap();
+        }
+        let part = |partition| FetchPartition {
+            partition,
+            offset: 0,
+            partition_max_bytes: 0,
+        };
+        let req = FetchRequest {
+            max_wait_ms: 0,
+            min_bytes: 0,
+            max_bytes: 0,
+            topics: vec![FetchTopic {
+                name: "budget".into(),
+                partitions: vec![part(0), part(1), part(0)],
+            }],
+        };
+        let resp: FetchResponse = c.request(&req, 0).await.unwrap();
+        let parts = &resp.topics[0].partitions;
+        let with_data = parts.iter().filter(|p| !p.records.is_empty()).count();
+        assert_eq!(with_data, 1, "one batch in total for a zero budget");
+        assert!(parts[0].status.is_ok() && parts[1].status.is_ok());
+        assert_eq!(
+            parts[2].status.code,
+            quiver_proto::ErrorCode::InvalidRequest,
+            "duplicate entry"
+        );
+        node.shutdown().await;
+    })
+    .await
+    .expect("test finished in time");
+}
