@@ -242,13 +242,21 @@ impl Broker {
         // Close and rename every partition first, then forget the topic: a crash in between
         // leaves either the topic with (some) empty partitions, or `*.deleted` directories
         // that the next start removes — never old data under a live name.
+        //
+        // The delete always rolls forward once the topic left the table: a partition that
+        // cannot be renamed or removed now is logged and tidied at the next start (its
+        // directory is then unknown to the catalog and moved aside, or `*.deleted` and removed).
         for p in &topic.partitions {
             p.close().await;
-            p.mark_deleted().await?;
+            if let Err(e) = p.mark_deleted().await {
+                tracing::error!(topic = %name, partition = p.id().0, error = %e, "could not rename a deleted partition; it is moved aside at the next start");
+            }
         }
         self.catalog.remove(&name)?;
         for p in &topic.partitions {
-            p.remove_files().await?;
+            if let Err(e) = p.remove_files().await {
+                tracing::warn!(topic = %name, partition = p.id().0, error = %e, "could not remove a deleted partition; removed at the next start");
+            }
         }
         tracing::info!(topic = %name, "topic deleted");
         Ok(())

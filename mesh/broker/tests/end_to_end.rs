@@ -624,3 +624,40 @@ async fn fetch_budget_bounds_the_work_of_one_request() {
     .await
     .expect("test finished in time");
 }
+
+/// How and why: a producer dropped without `flush` or `close` still sends what it buffered
+/// (its sender task drains and then stops), as Kafka's does on close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_producer_still_delivers_what_it_buffered() {
+    tokio::time::timeout(TIMEOUT, async {
+        let dir = tempfile::tempdir().unwrap();
+        let node = start(dir.path(), |_| {}).await;
+        let c = client(&node).await;
+        c.create_topic("dropped", 1, &[]).await.unwrap();
+        // A long linger: nothing would be sent before the drop on its own.
+        let producer = Producer::new(
+            c.clone(),
+            ProducerConfig {
+                linger_ms: 600_000,
+                ..ProducerConfig::default()
+            },
+        );
+        let mut deliveries = Vec::new();
+        for i in 0..100 {
+            deliveries.push(
+                producer
+                    .send(ProducerRecord::new("dropped", format!("r{i}")))
+                    .await
+                    .unwrap(),
+            );
+        }
+        drop(producer);
+        for d in deliveries {
+            d.await.unwrap();
+        }
+        assert_eq!(consume_all(&c, "dropped").await.len(), 100);
+        node.shutdown().await;
+    })
+    .await
+    .expect("test finished in time");
+}

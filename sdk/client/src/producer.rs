@@ -3,6 +3,9 @@
 //! them on the wire at once, and every record gets a future that resolves to its partition and
 //! offset.
 //!
+//! Dropping the last clone of a producer sends what it buffered and then stops its sender
+//! task; [`Producer::close`] does the same and waits for the outcome.
+//!
 //! Order: the sender numbers its produce requests per connection and the node appends them in
 //! that order, so records of a partition are stored in the order they were sent, with several
 //! requests in flight.
@@ -245,6 +248,20 @@ struct Inner {
 #[derive(Clone)]
 pub struct Producer {
     inner: Arc<Inner>,
+    /// Shared by the clones; when the last one is dropped the sender sends what is buffered
+    /// and then stops (the sender task itself holds only `inner`).
+    _last: Arc<CloseOnDrop>,
+}
+
+struct CloseOnDrop(Arc<Inner>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        if let Ok(mut st) = self.0.state.lock() {
+            st.closed = true;
+        }
+        self.0.wake.notify_one();
+    }
 }
 
 impl std::fmt::Debug for Producer {
@@ -273,7 +290,10 @@ impl Producer {
             round_robin: AtomicU32::new(0),
         });
         tokio::spawn(sender(inner.clone()));
-        Self { inner }
+        Self {
+            _last: Arc::new(CloseOnDrop(inner.clone())),
+            inner,
+        }
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, State>, ProduceError> {
@@ -643,6 +663,43 @@ async fn send_request(
             .unwrap_or(true);
         if idle {
             inner.idle.notify_waiters();
+            // A closed producer's sender is waiting to see the last batch settle.
+            inner.wake.notify_one();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seal_keeps_records_and_count() {
+        let mut b = BatchBuilder::new(Compression::None);
+        b.push(None, Some(b"a"), &[], 1);
+        b.push(None, Some(b"b"), &[], 2);
+        let (reply, rx) = oneshot::channel();
+        let open = OpenBatch {
+            builder: b,
+            opened: Instant::now(),
+            reply,
+            rx: rx.shared(),
+            reserved_bytes: 10,
+        };
+        let ready = seal(&(Arc::from("t"), 3), open);
+        assert_eq!(
+            (ready.partition, ready.records, ready.reserved_bytes),
+            (3, 2, 10)
+        );
+        assert!(
+            quiver_proto::batch::validate_batch(
+                &ready.bytes,
+                &quiver_proto::BatchLimits {
+                    record_bytes_max: 100,
+                    batch_bytes_max: 1000
+                }
+            )
+            .is_ok()
+        );
     }
 }
