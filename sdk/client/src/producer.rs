@@ -204,6 +204,8 @@ impl Future for DeliveryFuture {
 }
 
 struct OpenBatch {
+    /// Increasing per producer; `flush` waits for the batches opened before it.
+    id: u64,
     builder: BatchBuilder,
     opened: Instant,
     reply: oneshot::Sender<BatchOutcome>,
@@ -212,6 +214,7 @@ struct OpenBatch {
 }
 
 struct ReadyBatch {
+    id: u64,
     topic: Arc<str>,
     partition: u32,
     bytes: Bytes,
@@ -227,8 +230,10 @@ struct State {
     ready: VecDeque<ReadyBatch>,
     topics: HashMap<String, (Arc<str>, u32)>,
     sticky: HashMap<Arc<str>, u32>,
-    /// Batches open, ready or in flight.
-    outstanding: usize,
+    /// Ids of batches open, ready or in flight.
+    unsettled: std::collections::BTreeSet<u64>,
+    /// Id of the next batch to open.
+    next_batch_id: u64,
     flush_requested: bool,
     closed: bool,
 }
@@ -376,6 +381,7 @@ impl Producer {
             opened_new = true;
             let (reply, rx) = oneshot::channel();
             OpenBatch {
+                id: 0,
                 builder: BatchBuilder::with_capacity(compression, capacity),
                 opened: Instant::now(),
                 reply,
@@ -391,7 +397,12 @@ impl Producer {
         let rx = batch.rx.clone();
         let full = batch.builder.estimated_bytes() >= batch_bytes;
         if opened_new {
-            st.outstanding += 1;
+            let id = st.next_batch_id;
+            st.next_batch_id += 1;
+            st.unsettled.insert(id);
+            if let Some(b) = st.open.get_mut(&key) {
+                b.id = id;
+            }
         }
         if full {
             self.close_batch(&mut st, &key, partitions);
@@ -419,15 +430,17 @@ impl Producer {
         }
     }
 
-    /// Sends every buffered record now and waits until all are acknowledged or failed.
+    /// Sends every buffered record now and waits until every record sent before this call is
+    /// acknowledged or failed (records sent meanwhile do not hold it up).
     pub async fn flush(&self) -> Result<(), ProduceError> {
+        let upto = self.lock()?.next_batch_id;
         loop {
             let idle = self.inner.idle.notified();
             tokio::pin!(idle);
             idle.as_mut().enable();
             {
                 let mut st = self.lock()?;
-                if st.outstanding == 0 {
+                if st.unsettled.first().is_none_or(|id| *id >= upto) {
                     return Ok(());
                 }
                 st.flush_requested = true;
@@ -449,6 +462,7 @@ impl Producer {
 fn seal(key: &(Arc<str>, u32), mut b: OpenBatch) -> ReadyBatch {
     let records = b.builder.len();
     ReadyBatch {
+        id: b.id,
         topic: key.0.clone(),
         partition: key.1,
         bytes: b.builder.finish(),
@@ -508,7 +522,7 @@ async fn sender(inner: Arc<Inner>) {
                 return;
             };
             let (r, n) = take_requests(&inner, &mut st);
-            let done = st.closed && st.outstanding == 0 && r.is_empty();
+            let done = st.closed && st.unsettled.is_empty() && r.is_empty();
             (r, n, done)
         };
         if done {
@@ -599,7 +613,7 @@ async fn send_request(
         Err(e) => Err(e),
     };
     let mut retry = Vec::new();
-    let mut settled = 0usize;
+    let mut settled = Vec::new();
     let mut released = 0usize;
     for (b, pos) in batches.into_iter().zip(positions) {
         let result: Result<Option<u64>, ClientError> = match &outcome {
@@ -629,7 +643,7 @@ async fn send_request(
             }
             other => {
                 released += b.reserved_bytes;
-                settled += 1;
+                settled.push(b.id);
                 let _ = b.reply.send(other.map_err(ProduceError::from));
             }
         }
@@ -652,17 +666,20 @@ async fn send_request(
         }
         inner.wake.notify_one();
     }
-    if settled > 0 {
+    if !settled.is_empty() {
         let idle = inner
             .state
             .lock()
             .map(|mut st| {
-                st.outstanding -= settled;
-                st.outstanding == 0
+                for id in &settled {
+                    st.unsettled.remove(id);
+                }
+                st.unsettled.is_empty()
             })
             .unwrap_or(true);
+        // Flushes wait for particular batches: wake them on every settlement.
+        inner.idle.notify_waiters();
         if idle {
-            inner.idle.notify_waiters();
             // A closed producer's sender is waiting to see the last batch settle.
             inner.wake.notify_one();
         }
@@ -680,6 +697,7 @@ mod tests {
         b.push(None, Some(b"b"), &[], 2);
         let (reply, rx) = oneshot::channel();
         let open = OpenBatch {
+            id: 7,
             builder: b,
             opened: Instant::now(),
             reply,
