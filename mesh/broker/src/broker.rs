@@ -247,6 +247,7 @@ impl Broker {
         // cannot be renamed or removed now is logged and tidied at the next start (its
         // directory is then unknown to the catalog and moved aside, or `*.deleted` and removed).
         for p in &topic.partitions {
+            p.begin_delete();
             p.close().await;
             if let Err(e) = p.mark_deleted().await {
                 tracing::error!(topic = %name, partition = p.id().0, error = %e, "could not rename a deleted partition; it is moved aside at the next start");

@@ -8,6 +8,7 @@ use futures::future::join_all;
 use quiver_proto::batch::{BatchError, BatchLimits, RecordBatches, validate_batch};
 use quiver_proto::messages::*;
 use quiver_proto::{ApiKey, ErrorCode};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -313,12 +314,25 @@ struct FetchSlot {
 }
 
 /// Reads batches, waiting up to `max_wait_ms` for `min_bytes`.
+/// The node-wide bound on fetch response bytes, and how long a fetch may wait for its share.
+#[derive(Debug)]
+pub struct FetchBudget<'a> {
+    /// Permits are bytes of responses being read or sent, across all connections.
+    pub bytes: &'a Arc<Semaphore>,
+    /// Longest wait for a share of `bytes` before the fetch is answered `request_timed_out`.
+    pub wait: Duration,
+}
+
+/// Long-poll fetch. The response's bytes are reserved from `budget` only while partitions are
+/// read and until the response is sent (the returned permit): a fetch that waits for data
+/// holds none, so idle long polls never starve fetches that have data to send.
 pub async fn fetch(
     broker: &Arc<Broker>,
     limits: &HandlerLimits,
     req: FetchRequest,
     shutdown: &CancellationToken,
-) -> FetchResponse {
+    budget: FetchBudget<'_>,
+) -> Result<(FetchResponse, OwnedSemaphorePermit), (ErrorCode, String)> {
     let wait = Duration::from_millis(u64::from(req.max_wait_ms.min(limits.fetch_wait_ms_max)));
     let deadline = Instant::now() + wait;
     let max_bytes = req.max_bytes.min(limits.fetch_bytes_max) as usize;
@@ -379,10 +393,24 @@ pub async fn fetch(
         .iter()
         .map(|s| s.partition.watch_high_watermark())
         .collect();
+    // Reserved before each read: what this fetch may return (a response holds at most one
+    // batch over it, which the budget tolerates rather than counts).
+    let reserve = (max_bytes.max(1)).min(u32::MAX as usize) as u32;
     loop {
         for w in &mut watches {
             w.borrow_and_update();
         }
+        let permit = tokio::select! {
+            p = tokio::time::timeout(budget.wait, budget.bytes.clone().acquire_many_owned(reserve)) => match p {
+                Ok(Ok(p)) => p,
+                Ok(Err(_)) => return Err((ErrorCode::ShuttingDown, "node is shutting down".into())),
+                Err(_) => return Err((
+                    ErrorCode::RequestTimedOut,
+                    "the node's fetch response budget stayed busy; retry".into(),
+                )),
+            },
+            _ = shutdown.cancelled() => return Err((ErrorCode::ShuttingDown, "node is shutting down".into())),
+        };
         let reads = read_slots(&slots, max_bytes).await;
         let total: usize = reads.iter().map(|r| r.1.records.len()).sum();
         let any_error = reads.iter().any(|r| !r.1.status.is_ok());
@@ -392,8 +420,9 @@ pub async fn fetch(
                 response.topics[*ti].partitions[*pi] = r;
             }
             debug_assert!(slots.iter().all(|s| s.topic < response.topics.len()));
-            return response;
+            return Ok((response, permit));
         }
+        drop(permit);
         // Wait for any high watermark to move, the deadline, or shutdown.
         let changed =
             futures::future::select_all(watches.iter_mut().map(|w| Box::pin(w.changed())));
@@ -403,12 +432,18 @@ pub async fn fetch(
             _ = shutdown.cancelled() => {}
         }
         if shutdown.is_cancelled() {
-            // Answer with whatever is there now rather than holding shutdown up.
+            // Answer with whatever is there now rather than holding shutdown up; the budget
+            // is not waited for (its permit is taken only if free).
+            let permit = budget
+                .bytes
+                .clone()
+                .try_acquire_many_owned(reserve)
+                .map_err(|_| (ErrorCode::ShuttingDown, "node is shutting down".to_string()))?;
             let reads = read_slots(&slots, max_bytes).await;
             for ((ti, pi), (_, r)) in slot_index.iter().zip(reads) {
                 response.topics[*ti].partitions[*pi] = r;
             }
-            return response;
+            return Ok((response, permit));
         }
     }
 }

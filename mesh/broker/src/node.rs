@@ -404,12 +404,13 @@ async fn serve_stream(
     // The request's bytes are released once handled; the response holds its own.
     drop(permit);
     match outcome {
-        Ok(Some(chunks)) => {
+        Ok(Some(Response { chunks, _hold })) => {
             let body_bytes = chunks.iter().map(Bytes::len).sum();
             let mut all = Vec::with_capacity(chunks.len() + 1);
             all.push(frame_prefix(api_code, 0, id, body_bytes));
             all.extend(chunks);
             respond(&mut send, all).await;
+            drop(_hold);
         }
         Ok(None) => {
             let _ = send.finish();
@@ -418,7 +419,22 @@ async fn serve_stream(
     }
 }
 
-type DispatchResult = Result<Option<Vec<Bytes>>, (ErrorCode, String)>;
+type DispatchResult = Result<Option<Response>, (ErrorCode, String)>;
+
+/// A response body's chunks, and what must stay reserved until they are sent.
+struct Response {
+    chunks: Vec<Bytes>,
+    _hold: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl From<Vec<Bytes>> for Response {
+    fn from(chunks: Vec<Bytes>) -> Self {
+        Self {
+            chunks,
+            _hold: None,
+        }
+    }
+}
 
 fn decode<M: Message>(body: Bytes) -> Result<M, (ErrorCode, String)> {
     M::from_bytes(body).map_err(|e| {
@@ -429,8 +445,8 @@ fn decode<M: Message>(body: Bytes) -> Result<M, (ErrorCode, String)> {
     })
 }
 
-fn one<M: Message>(m: &M) -> Option<Vec<Bytes>> {
-    Some(vec![m.to_bytes()])
+fn one<M: Message>(m: &M) -> Option<Response> {
+    Some(vec![m.to_bytes()].into())
 }
 
 /// A request body as read: whole, or (for produce) its fixed fields and the rest, holding
@@ -462,7 +478,7 @@ async fn dispatch(
             })?;
             return Ok(handlers::produce(broker, &shared.limits, req, turn)
                 .await
-                .map(|r| r.encode_chunks()));
+                .map(|r| r.encode_chunks().into()));
         }
         Body::Whole(b) => b,
     };
@@ -486,23 +502,20 @@ async fn dispatch(
         // A produce body shorter than its fixed fields (otherwise handled above).
         ApiKey::Produce => handlers::produce(broker, &shared.limits, decode(body)?, None)
             .await
-            .map(|r| r.encode_chunks()),
+            .map(|r| r.encode_chunks().into()),
         ApiKey::Fetch => {
             let req: FetchRequest = decode(body)?;
-            // Responses count against a node-wide bound too: reserve what this fetch may
-            // return (plus, at most, one batch over it) before reading anything.
-            let bytes = req.max_bytes.min(shared.limits.fetch_bytes_max).max(1);
-            let _permit = read_bounded(shared, async {
-                shared
-                    .fetch_bytes
-                    .clone()
-                    .acquire_many_owned(bytes)
-                    .await
-                    .map_err(|_| quiver_transport::TransportError::Closed)
-            })
-            .await?;
-            let resp = handlers::fetch(broker, &shared.limits, req, &shared.shutdown).await;
-            Some(resp.encode_chunks())
+            let budget = handlers::FetchBudget {
+                bytes: &shared.fetch_bytes,
+                wait: shared.request_read,
+            };
+            let (resp, permit) =
+                handlers::fetch(broker, &shared.limits, req, &shared.shutdown, budget).await?;
+            // The permit travels with the response: its bytes count until they are sent.
+            return Ok(Some(Response {
+                chunks: resp.encode_chunks(),
+                _hold: Some(permit),
+            }));
         }
         ApiKey::ListOffsets => one(&handlers::list_offsets(broker, decode(body)?).await),
         ApiKey::TransportProbe => {

@@ -7,6 +7,7 @@
 //! producers is the group commit. Reads take the log's read lock on a blocking thread.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -85,6 +86,9 @@ pub struct Partition {
     appends: mpsc::Sender<AppendJob>,
     appender: std::sync::Mutex<Option<JoinHandle<()>>>,
     closing: CancellationToken,
+    /// Set when the partition's topic is being deleted: refused appends then say the topic is
+    /// gone (not retriable) rather than that the node is shutting down.
+    deleting: Arc<AtomicBool>,
 }
 
 impl Partition {
@@ -115,6 +119,7 @@ impl Partition {
             appends: tx,
             appender: std::sync::Mutex::new(None),
             closing: CancellationToken::new(),
+            deleting: Arc::new(AtomicBool::new(false)),
         });
         let task = tokio::spawn(appender(
             partition.log.clone(),
@@ -154,11 +159,11 @@ impl Partition {
         self.appends
             .send(AppendJob { batches, reply })
             .await
-            .map_err(|_| PartitionError::new(ErrorCode::ShuttingDown, "partition is closing"))?;
-        Ok(async move {
-            rx.await
-                .map_err(|_| PartitionError::new(ErrorCode::ShuttingDown, "partition is closing"))?
-        })
+            .map_err(|_| closed_error(&self.deleting, &self.topic, self.id))?;
+        let (deleting, topic, id) = (self.deleting.clone(), self.topic.clone(), self.id);
+        // The flag is read when the reply is lost, not when the job was queued: a delete that
+        // starts while the job waits must still be reported as a delete.
+        Ok(async move { rx.await.map_err(|_| closed_error(&deleting, &topic, id))? })
     }
 
     /// Appends validated batches: [`enqueue`](Self::enqueue), then wait for the outcome.
@@ -243,6 +248,11 @@ impl Partition {
         let mut name = self.dir.file_name().unwrap_or_default().to_os_string();
         name.push(".deleted");
         self.dir.with_file_name(name)
+    }
+
+    /// Marks the partition as belonging to a topic being deleted (before [`close`](Self::close)).
+    pub fn begin_delete(&self) {
+        self.deleting.store(true, Ordering::SeqCst);
     }
 
     /// Renames the (closed) partition's directory to `<dir>.deleted` and syncs the parent.
@@ -385,6 +395,19 @@ async fn appender(
         Ok(Ok(end)) => advance(&high_watermark, end),
         Ok(Err(e)) => tracing::error!(error = %e, "final flush failed"),
         Err(e) => tracing::error!(error = %e, "final flush failed"),
+    }
+}
+
+/// The error for an append the partition will not take: the topic is gone (not retriable) when
+/// it is being deleted, otherwise the node is shutting down (retriable elsewhere or later).
+fn closed_error(deleting: &AtomicBool, topic: &TopicName, id: PartitionId) -> PartitionError {
+    if deleting.load(Ordering::SeqCst) {
+        PartitionError::new(
+            ErrorCode::UnknownTopicOrPartition,
+            format!("topic {topic} was deleted (partition {id})"),
+        )
+    } else {
+        PartitionError::new(ErrorCode::ShuttingDown, "partition is closing")
     }
 }
 

@@ -372,13 +372,7 @@ impl<'a> BatchView<'a> {
                     .map(Cow::Owned)
                     .map_err(|e| BatchError::Decompress(e.to_string()))
             }
-            Some(Compression::Zstd) => {
-                // Bound the output so a zstd bomb cannot exhaust memory.
-                let limit = decompressed_bytes_max(raw.len());
-                zstd::bulk::decompress(raw, limit)
-                    .map(Cow::Owned)
-                    .map_err(|e| BatchError::Decompress(e.to_string()))
-            }
+            Some(Compression::Zstd) => zstd_section(raw).map(Cow::Owned),
             None => Err(BatchError::BadAttributes(self.header.attributes)),
         }
     }
@@ -435,9 +429,56 @@ impl<'a> BatchView<'a> {
     }
 }
 
-/// Most bytes a compressed records section of `compressed_bytes` may expand to: lz4's
-/// worst-case ratio (255:1) with a 1 MiB floor, never above [`DECOMPRESSED_BYTES_MAX`], so hostile
-/// input cannot make a decoder allocate without bound.
+/// Decompresses a zstd records section: one frame, at most [`DECOMPRESSED_BYTES_MAX`] bytes.
+///
+/// zstd's ratio has no useful bound (a run of zeros compresses more than 10,000:1), so the
+/// output is bounded absolutely, and allocated for what the frame declares rather than for the
+/// bound: a frame header states its content size (every encoder here writes it); one without
+/// it is decoded as a stream that stops at the bound.
+fn zstd_section(raw: &[u8]) -> Result<Vec<u8>, BatchError> {
+    let too_big = |n: u64| {
+        BatchError::Decompress(format!(
+            "zstd frame of {} bytes claims {n} bytes, more than the maximum of {DECOMPRESSED_BYTES_MAX}",
+            raw.len()
+        ))
+    };
+    match zstd::zstd_safe::get_frame_content_size(raw) {
+        Ok(Some(n)) => {
+            if n > DECOMPRESSED_BYTES_MAX as u64 {
+                return Err(too_big(n));
+            }
+            let out = zstd::bulk::decompress(raw, n as usize)
+                .map_err(|e| BatchError::Decompress(e.to_string()))?;
+            if out.len() as u64 != n {
+                return Err(BatchError::Decompress(format!(
+                    "zstd frame claims {n} bytes but holds {}",
+                    out.len()
+                )));
+            }
+            Ok(out)
+        }
+        Ok(None) => {
+            use std::io::Read;
+            let decoder = zstd::stream::read::Decoder::with_buffer(raw)
+                .map_err(|e| BatchError::Decompress(e.to_string()))?;
+            let mut out = Vec::new();
+            decoder
+                .single_frame()
+                .take(DECOMPRESSED_BYTES_MAX as u64 + 1)
+                .read_to_end(&mut out)
+                .map_err(|e| BatchError::Decompress(e.to_string()))?;
+            if out.len() > DECOMPRESSED_BYTES_MAX {
+                return Err(too_big(out.len() as u64));
+            }
+            Ok(out)
+        }
+        Err(_) => Err(BatchError::Decompress("not a zstd frame".into())),
+    }
+}
+
+/// Most bytes an lz4 records section of `compressed_bytes` may expand to: lz4's worst-case
+/// ratio (255:1) with a 1 MiB floor, never above [`DECOMPRESSED_BYTES_MAX`], so a hostile size
+/// prefix cannot make a decoder allocate without bound.
 fn decompressed_bytes_max(compressed_bytes: usize) -> usize {
     compressed_bytes
         .saturating_mul(255)
@@ -463,9 +504,10 @@ pub struct ValidatedBatch {
     pub bytes: usize,
     /// Records in the batch.
     pub record_count: u32,
-    /// Smallest record timestamp.
+    /// The header's base timestamp (record timestamps are deltas from it; usually the first
+    /// record's).
     pub first_timestamp: i64,
-    /// Largest record timestamp.
+    /// Largest record timestamp (checked: equal to the largest delta-decoded timestamp).
     pub max_timestamp: i64,
 }
 
@@ -499,7 +541,18 @@ pub fn validate_batch(buf: &[u8], limits: &BatchLimits) -> Result<ValidatedBatch
             "producers may not send control batches".into(),
         ));
     }
-    view.for_each_record(limits.record_bytes_max, |_| {})?;
+    // The header's max timestamp drives the time index and time-based retention, so it must be
+    // exactly the largest record timestamp: a far-future value would pin a segment forever.
+    let mut max_seen = i64::MIN;
+    view.for_each_record(limits.record_bytes_max, |r| {
+        max_seen = max_seen.max(r.timestamp)
+    })?;
+    if max_seen != h.max_timestamp {
+        return Err(BatchError::Invalid(format!(
+            "batch max timestamp {} is not the largest record timestamp {max_seen}",
+            h.max_timestamp
+        )));
+    }
     Ok(ValidatedBatch {
         bytes: buf.len(),
         record_count: h.record_count,
@@ -966,6 +1019,98 @@ mod tests {
             Err(BatchError::Decompress(m)) => assert!(m.contains("claims 4294967295"), "{m}"),
             other => panic!("expected a decompression error, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn max_timestamp_must_be_the_largest_record_timestamp() {
+        // A far-future max timestamp would keep a segment from ever expiring by time.
+        let good = sample(Compression::None);
+        let mut evil = good.to_vec();
+        evil[OFF_MAX_TIMESTAMP..OFF_MAX_TIMESTAMP + 8]
+            .copy_from_slice(&(i64::MAX / 2).to_le_bytes());
+        let crc = crc32c::crc32c(&evil[CRC_START..]);
+        evil[OFF_CRC..OFF_CRC + 4].copy_from_slice(&crc.to_le_bytes());
+        match validate_batch(&evil, &LIMITS) {
+            Err(BatchError::Invalid(m)) => {
+                assert!(m.contains("largest record timestamp 1005"), "{m}")
+            }
+            other => panic!("expected invalid, got {other:?}"),
+        }
+        assert_eq!(validate_batch(&good, &LIMITS).unwrap().max_timestamp, 1005);
+    }
+
+    /// `batch` (uncompressed) with its records section replaced by `section` under `codec`.
+    fn rewrap(batch: &[u8], codec: u16, section: &[u8]) -> Vec<u8> {
+        let mut out = batch[..BATCH_HEADER_BYTES].to_vec();
+        out.extend_from_slice(section);
+        let len = (out.len() - BATCH_LENGTH_PREFIX_BYTES) as u32;
+        out[OFF_BATCH_LENGTH..OFF_BATCH_LENGTH + 4].copy_from_slice(&len.to_le_bytes());
+        let attrs = u16::from_le_bytes([out[OFF_ATTRIBUTES], out[OFF_ATTRIBUTES + 1]]);
+        let attrs = (attrs & !ATTR_COMPRESSION_MASK) | codec;
+        out[OFF_ATTRIBUTES..OFF_ATTRIBUTES + 2].copy_from_slice(&attrs.to_le_bytes());
+        let crc = crc32c::crc32c(&out[CRC_START..]);
+        out[OFF_CRC..OFF_CRC + 4].copy_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    #[test]
+    fn zstd_is_bounded_absolutely_not_by_ratio() {
+        // A 2 MiB periodic value compresses far beyond 255:1 and must still round-trip.
+        let value: Vec<u8> = (0..2u32 << 20).map(|i| i as u8).collect();
+        let mut b = BatchBuilder::new(Compression::Zstd);
+        b.push(None, Some(&value), &[], 7);
+        let bytes = b.finish();
+        assert!(
+            bytes.len() * 255 < value.len(),
+            "ratio {}",
+            value.len() / bytes.len()
+        );
+        let big = BatchLimits {
+            record_bytes_max: 4 << 20,
+            batch_bytes_max: 4 << 20,
+        };
+        validate_batch(&bytes, &big).unwrap();
+        let recs = BatchView::parse(&bytes).unwrap().to_records().unwrap();
+        assert_eq!(recs[0].value.as_deref(), Some(&value[..]));
+
+        // A frame that does not declare its size is decoded as a stream.
+        let plain = sample(Compression::None);
+        let section = &plain[BATCH_HEADER_BYTES..];
+        let mut enc = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
+        enc.include_contentsize(false).unwrap();
+        std::io::Write::write_all(&mut enc, section).unwrap();
+        let undeclared = rewrap(&plain, 2, &enc.finish().unwrap());
+        assert_eq!(
+            zstd::zstd_safe::get_frame_content_size(&undeclared[BATCH_HEADER_BYTES..]).unwrap(),
+            None
+        );
+        validate_batch(&undeclared, &LIMITS).unwrap();
+
+        // A frame declaring more than the bound is refused before anything is allocated.
+        let huge = (DECOMPRESSED_BYTES_MAX + 1) as u64;
+        let mut enc = zstd::stream::write::Encoder::new(Vec::new(), 1).unwrap();
+        enc.set_pledged_src_size(Some(huge)).unwrap();
+        enc.include_contentsize(true).unwrap();
+        let zeros = vec![0u8; 1 << 20];
+        let mut left = huge as usize;
+        while left > 0 {
+            let n = left.min(zeros.len());
+            std::io::Write::write_all(&mut enc, &zeros[..n]).unwrap();
+            left -= n;
+        }
+        let bomb = rewrap(&plain, 2, &enc.finish().unwrap());
+        assert!(bomb.len() < 64 << 10, "bomb of {} bytes", bomb.len());
+        match validate_batch(&bomb, &LIMITS) {
+            Err(BatchError::Decompress(m)) => assert!(m.contains("more than the maximum"), "{m}"),
+            other => panic!("expected a decompression error, got {other:?}"),
+        }
+        // A declared size that is a lie is refused too.
+        let mut liar = undeclared.clone();
+        let honest = zstd::bulk::compress(section, 3).unwrap();
+        liar.truncate(BATCH_HEADER_BYTES);
+        liar.extend_from_slice(&honest);
+        let liar = rewrap(&liar, 2, &honest[..honest.len() - 1]);
+        assert!(validate_batch(&liar, &LIMITS).is_err());
     }
 
     #[test]

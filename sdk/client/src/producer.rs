@@ -371,7 +371,7 @@ impl Producer {
         if st.open.get(&key).is_some_and(|b| {
             !b.builder.is_empty() && b.builder.estimated_bytes() + size > batch_bytes
         }) {
-            self.close_batch(&mut st, &key, partitions);
+            self.close_batch(&mut st, &key);
         }
         let compression = self.inner.config.compression;
         // Room for a full batch up front: growing by doubling would copy it several times.
@@ -405,7 +405,7 @@ impl Producer {
             }
         }
         if full {
-            self.close_batch(&mut st, &key, partitions);
+            self.close_batch(&mut st, &key);
         }
         drop(st);
         if full || opened_new {
@@ -418,15 +418,10 @@ impl Producer {
         })
     }
 
-    fn close_batch(&self, st: &mut State, key: &(Arc<str>, u32), partitions: u32) {
+    fn close_batch(&self, st: &mut State, key: &(Arc<str>, u32)) {
         if let Some(b) = st.open.remove(key) {
             st.ready.push_back(seal(key, b));
-            // A keyless producer moves on to another partition once its batch is full.
-            if let Some(s) = st.sticky.get_mut(&key.0)
-                && *s == key.1
-            {
-                *s = self.inner.round_robin.fetch_add(1, Ordering::Relaxed) % partitions;
-            }
+            unstick(st, key);
         }
     }
 
@@ -456,6 +451,15 @@ impl Producer {
         self.lock()?.closed = true;
         self.inner.wake.notify_one();
         Ok(())
+    }
+}
+
+/// A keyless producer moves on once the batch of its sticky partition is sealed (full, lingered
+/// or flushed), so keyless records spread over the partitions batch by batch (Kafka's sticky
+/// partitioner, KIP-480). The next keyless record picks the next partition round-robin.
+fn unstick(st: &mut State, key: &(Arc<str>, u32)) {
+    if st.sticky.get(&key.0) == Some(&key.1) {
+        st.sticky.remove(&key.0);
     }
 }
 
@@ -495,6 +499,7 @@ fn take_requests(inner: &Inner, st: &mut State) -> (Vec<Vec<ReadyBatch>>, Option
     for k in expired {
         if let Some(b) = st.open.remove(&k) {
             st.ready.push_back(seal(&k, b));
+            unstick(st, &k);
         }
     }
     let next = st.open.values().map(|b| b.opened + linger).min();
