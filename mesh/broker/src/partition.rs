@@ -159,11 +159,14 @@ impl Partition {
         self.appends
             .send(AppendJob { batches, reply })
             .await
-            .map_err(|_| closed_error(&self.deleting, &self.topic, self.id))?;
+            .map_err(|_| closed_error(&self.deleting, &self.topic, self.id, false))?;
         let (deleting, topic, id) = (self.deleting.clone(), self.topic.clone(), self.id);
         // The flag is read when the reply is lost, not when the job was queued: a delete that
         // starts while the job waits must still be reported as a delete.
-        Ok(async move { rx.await.map_err(|_| closed_error(&deleting, &topic, id))? })
+        Ok(async move {
+            rx.await
+                .map_err(|_| closed_error(&deleting, &topic, id, true))?
+        })
     }
 
     /// Appends validated batches: [`enqueue`](Self::enqueue), then wait for the outcome.
@@ -398,13 +401,25 @@ async fn appender(
     }
 }
 
-/// The error for an append the partition will not take: the topic is gone (not retriable) when
-/// it is being deleted, otherwise the node is shutting down (retriable elsewhere or later).
-fn closed_error(deleting: &AtomicBool, topic: &TopicName, id: PartitionId) -> PartitionError {
+/// The error for an append without an answer from the appender: the topic is gone (not
+/// retriable) when it is being deleted. Otherwise, a job that could not be queued was never
+/// applied (`shutting_down`, safe to retry), but a queued job whose reply was lost may or may
+/// not have been appended (`unknown`: a producer must not assume either).
+fn closed_error(
+    deleting: &AtomicBool,
+    topic: &TopicName,
+    id: PartitionId,
+    was_queued: bool,
+) -> PartitionError {
     if deleting.load(Ordering::SeqCst) {
         PartitionError::new(
             ErrorCode::UnknownTopicOrPartition,
             format!("topic {topic} was deleted (partition {id})"),
+        )
+    } else if was_queued {
+        PartitionError::new(
+            ErrorCode::Unknown,
+            "the partition's appender stopped; the append may or may not have been applied",
         )
     } else {
         PartitionError::new(ErrorCode::ShuttingDown, "partition is closing")

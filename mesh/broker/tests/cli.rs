@@ -20,9 +20,14 @@ struct Server {
 
 impl Server {
     fn start(data: &Path) -> Server {
+        let data = data.to_str().unwrap();
+        Self::spawn(&["serve", "--listen", "127.0.0.1:0", "--data-dir", data])
+    }
+
+    /// Starts `quiver ARGS` and waits for it to print the address it listens on.
+    fn spawn(args: &[&str]) -> Server {
         let mut child = Command::new(QUIVER)
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data)
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -43,9 +48,14 @@ impl Server {
     }
 
     /// SIGTERM, then wait (bounded) for a clean exit.
-    fn stop(mut self) {
+    fn stop(self) {
+        self.stop_with("-TERM");
+    }
+
+    /// `kill SIGNAL`, then wait (bounded) for a clean exit.
+    fn stop_with(mut self, signal: &str) {
         let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        Command::new("kill").args([signal, &pid]).status().unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -435,4 +445,236 @@ fn acknowledged_records_survive_sigkill_of_the_node() {
         stored.len() - acked.len()
     );
     server.stop();
+}
+
+/// How and why: the parts of the CLI a user meets beyond the basic round trip, each checked
+/// through the real binary: `serve --config FILE` (its topic defaults reach new topics),
+/// values of every size from 0 bytes to 1 MiB and non-UTF-8 bytes through `produce` and back
+/// through `consume --format raw`, `produce --partition`, `consume --follow` seeing records
+/// produced after it started, 100k records read back after a SIGINT restart, and each
+/// `perf` benchmark printing a JSON summary whose counts match what it was asked for.
+#[test]
+fn config_file_sizes_partition_follow_sigint_and_perf() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let ca = data.join("tls/ca.pem");
+    let config = dir.path().join("quiver.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\nlisten = \"127.0.0.1:0\"\n[topic_defaults]\n\"flush.policy\" = \"interval\"\n\"flush.interval.ms\" = \"25\"\n",
+            data.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let config_arg = config.to_str().unwrap().to_string();
+    let server = Server::spawn(&["serve", "--config", &config_arg]);
+    let q = |server: &Server, args: &[&str], stdin: Option<&[u8]>| {
+        quiver_bytes(&server.addr, &ca, args, stdin)
+    };
+
+    ok(&q(
+        &server,
+        &["topic", "create", "sizes", "--partitions", "2"],
+        None,
+    ));
+    let described = ok(&q(&server, &["topic", "describe", "sizes"], None));
+    assert!(described.contains("flush.policy = interval"), "{described}");
+    assert!(described.contains("flush.interval.ms = 25"), "{described}");
+
+    // Sizes 0 .. 1 MiB, and bytes that are not UTF-8, one record per line to partition 1.
+    let sizes = [0usize, 1, 7, 100, 1000, 65_536, 1 << 20];
+    let mut input = Vec::new();
+    let mut expected = Vec::new();
+    for (i, n) in sizes.iter().enumerate() {
+        let value: Vec<u8> = (0..*n).map(|j| b'a' + ((i + j) % 26) as u8).collect();
+        input.extend_from_slice(&value);
+        input.push(b'\n');
+        expected.push(value);
+    }
+    let binary = vec![0xff, 0xfe, 0x00, 0x80, b'x'];
+    input.extend_from_slice(&binary);
+    input.push(b'\n');
+    expected.push(binary);
+    ok(&q(
+        &server,
+        &["produce", "sizes", "--partition", "1"],
+        Some(&input),
+    ));
+    let raw = q(
+        &server,
+        &["consume", "sizes", "--partition", "1", "--from-beginning"],
+        None,
+    );
+    assert!(
+        raw.status.success(),
+        "{}",
+        String::from_utf8_lossy(&raw.stderr)
+    );
+    let got: Vec<&[u8]> = raw.stdout.split(|b| *b == b'\n').collect();
+    assert_eq!(got.len(), expected.len() + 1, "one line per record");
+    for (g, e) in got.iter().zip(&expected) {
+        assert_eq!(g.len(), e.len());
+        assert!(g == e, "value of {} bytes differs", e.len());
+    }
+    assert!(
+        ok(&q(
+            &server,
+            &["consume", "sizes", "--partition", "0", "--from-beginning"],
+            None
+        ))
+        .is_empty(),
+        "--partition 1 wrote only to partition 1"
+    );
+    fails_with(
+        &q(
+            &server,
+            &["produce", "sizes", "--key-separator", ""],
+            Some(b"x\n"),
+        ),
+        "must not be empty",
+    );
+
+    // --follow: started first, it sees records produced afterwards, and stops at --max-records.
+    let follower = Command::new(QUIVER)
+        .args([
+            "consume",
+            "sizes",
+            "--partition",
+            "0",
+            "--follow",
+            "--max-records",
+            "3",
+        ])
+        .args(["--format", "json"])
+        .env("QUIVER_SERVER", &server.addr)
+        .env("QUIVER_CA", &ca)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    ok(&q(
+        &server,
+        &["produce", "sizes", "--partition", "0"],
+        Some(b"late-1\nlate-2\nlate-3\n"),
+    ));
+    let out = wait_bounded(follower, Duration::from_secs(60));
+    let lines: Vec<serde_json::Value> = ok(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let values: Vec<&str> = lines.iter().map(|r| r["value"].as_str().unwrap()).collect();
+    assert_eq!(values, ["late-1", "late-2", "late-3"]);
+
+    // 100k records through the CLI, read back after a restart by SIGINT.
+    let many: String = (0..100_000)
+        .map(|i| format!("k{}|v{i}\n", i % 101))
+        .collect();
+    ok(&q(
+        &server,
+        &["topic", "create", "many", "--partitions", "4"],
+        None,
+    ));
+    ok(&q(
+        &server,
+        &["produce", "many", "--key-separator", "|"],
+        Some(many.as_bytes()),
+    ));
+    server.stop_with("-INT");
+    let server = Server::spawn(&["serve", "--config", &config_arg]);
+    let back = ok(&q(
+        &server,
+        &["consume", "many", "--from-beginning", "--format", "json"],
+        None,
+    ));
+    let mut seen = vec![false; 100_000];
+    let mut last_per_key = std::collections::HashMap::new();
+    for l in back.lines() {
+        let r: serde_json::Value = serde_json::from_str(l).unwrap();
+        let key = r["key"].as_str().unwrap().to_string();
+        let i: usize = r["value"].as_str().unwrap()[1..].parse().unwrap();
+        assert_eq!(key, format!("k{}", i % 101));
+        assert!(!std::mem::replace(&mut seen[i], true), "v{i} twice");
+        if let Some(prev) = last_per_key.insert(key, i) {
+            assert!(prev < i, "per-key order");
+        }
+    }
+    assert!(seen.iter().all(|s| *s), "every record is back");
+
+    // perf: each benchmark runs briefly and its JSON summary adds up.
+    let perf = |args: &[&str]| -> serde_json::Value {
+        let mut all = vec!["perf"];
+        all.extend_from_slice(args);
+        all.push("--json");
+        let out = ok(&q(&server, &all, None));
+        serde_json::from_str(out.lines().last().unwrap()).unwrap()
+    };
+    let p = perf(&[
+        "produce",
+        "--topic",
+        "bench",
+        "--count",
+        "5000",
+        "--record-bytes",
+        "64",
+    ]);
+    assert_eq!(p["records"], 5000, "{p}");
+    assert_eq!(p["failed"], 0, "{p}");
+    assert!(p["ack_latency"]["samples"].as_u64().unwrap() > 0, "{p}");
+    let c = perf(&["consume", "--topic", "bench", "--count", "5000"]);
+    assert_eq!(c["records"], 5000, "{c}");
+    assert!(c["poll_latency"]["samples"].as_u64().unwrap() > 0, "{c}");
+    let e = perf(&[
+        "e2e", "--topic", "e2e", "--count", "2000", "--rate", "20000",
+    ]);
+    assert_eq!(e["records"], 2000, "{e}");
+    assert_eq!(e["consumed"], 2000, "{e}");
+    assert_eq!(e["e2e_latency"]["samples"], 2000, "{e}");
+    let t = perf(&["transport", "--bytes", "4000000"]);
+    for direction in ["upload", "download"] {
+        assert_eq!(t[direction]["bytes"], 4_000_000, "{t}");
+        assert!(t[direction]["mb_per_s"].as_f64().unwrap() > 0.0, "{t}");
+    }
+    server.stop();
+}
+
+fn quiver_bytes(server: &str, ca: &Path, args: &[&str], stdin: Option<&[u8]>) -> Output {
+    let mut child = Command::new(QUIVER)
+        .args(args)
+        .env("QUIVER_SERVER", server)
+        .env("QUIVER_CA", ca)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    let stdin = stdin.map(<[u8]>::to_vec);
+    let writer = std::thread::spawn(move || {
+        if let Some(s) = stdin {
+            let _ = input.write_all(&s);
+        }
+    });
+    let out = wait_bounded(child, Duration::from_secs(120));
+    writer.join().unwrap();
+    out
+}
+
+/// Waits for `child` at most `limit`, killing it (and failing the test) past that.
+fn wait_bounded(child: Child, limit: Duration) -> Output {
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            panic!("command did not finish within {limit:?}");
+        }
+    }
 }

@@ -671,7 +671,8 @@ pub struct ProduceRequest {
 pub struct ProducePartitionResponse {
     /// Partition index.
     pub partition: u32,
-    /// Outcome; on failure nothing of this partition's batches was appended.
+    /// Outcome; on failure nothing of this partition's batches was appended, except after
+    /// `request_timed_out` and `unknown`, whose appends may or may not have happened.
     pub status: Status,
     /// Offset given to the first record.
     pub base_offset: u64,

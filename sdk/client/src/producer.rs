@@ -10,11 +10,16 @@
 //! that order, so records of a partition are stored in the order they were sent, with several
 //! requests in flight.
 //!
-//! Delivery is at-least-once: a request that fails in a way that leaves its outcome unknown (a
-//! lost connection, a timeout) is retried, and if the first attempt had in fact been appended
-//! the records are stored twice. A retried batch is a new request, so it can also land after
-//! batches sent later. The idempotent producer (roadmap) removes both; until then set
-//! `retries_max = 0` when order must survive failures (failed records then surface as errors).
+//! Retries are safe by default: a batch is retried (up to `retries_max`, with bounded backoff)
+//! only when the attempt certainly stored nothing: the connection could not be made, the node
+//! refused the whole request, or it answered the partition with a retriable code for work it
+//! did not start (`shutting_down`, `busy`, `not_leader`, `not_enough_replicas`). An attempt
+//! whose outcome is unknown (connection lost or timeout after sending, a node-side
+//! `request_timed_out` for the append) fails with [`ProduceError::OutcomeUnknown`]: the records
+//! may or may not be stored. `retry_unknown_outcome = true` retries those too, which is
+//! at-least-once delivery: a record may then be stored twice. In both modes a retried batch is
+//! a new request, so it can land after batches sent later; the idempotent producer (roadmap)
+//! removes duplicates and reordering. Set `retries_max = 0` when order must survive failures.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -59,6 +64,8 @@ pub struct ProducerConfig {
     pub request_timeout_ms: u32,
     /// Retries of a failed batch before its records fail.
     pub retries_max: u32,
+    /// Also retry attempts whose outcome is unknown (at-least-once: duplicates possible).
+    pub retry_unknown_outcome: bool,
     /// First retry backoff, ms (doubles, up to 2 s).
     pub retry_backoff_ms: u64,
 }
@@ -75,6 +82,7 @@ impl Default for ProducerConfig {
             request_bytes_max: 8 << 20,
             request_timeout_ms: 30_000,
             retries_max: 5,
+            retry_unknown_outcome: false,
             retry_backoff_ms: 100,
         }
     }
@@ -143,6 +151,10 @@ pub enum ProduceError {
     /// The request failed (after retries, when retriable).
     #[error(transparent)]
     Client(#[from] ClientError),
+    /// The attempt may or may not have stored the record (a lost connection or a timeout
+    /// after the request was sent); it was not retried unless `retry_unknown_outcome` is set.
+    #[error("outcome unknown, the record may or may not be stored: {0}")]
+    OutcomeUnknown(ClientError),
     /// The record cannot be sent at all.
     #[error("{0}")]
     Invalid(String),
@@ -155,7 +167,7 @@ impl ProduceError {
     /// The server's error code, if any.
     pub fn code(&self) -> Option<ErrorCode> {
         match self {
-            ProduceError::Client(c) => c.code(),
+            ProduceError::Client(c) | ProduceError::OutcomeUnknown(c) => c.code(),
             _ => None,
         }
     }
@@ -605,6 +617,8 @@ async fn send_request(
             }),
         }
     }
+    // Without a connection the request was never sent: nothing can have been stored.
+    let connected = slot.is_ok();
     let outcome: Result<Option<ProduceResponse>, ClientError> = match slot {
         Ok((conn, sequence)) => {
             let req = ProduceRequest {
@@ -621,6 +635,8 @@ async fn send_request(
     let mut settled = Vec::new();
     let mut released = 0usize;
     for (b, pos) in batches.into_iter().zip(positions) {
+        // Whether a failed attempt certainly stored nothing of this batch.
+        let mut not_stored = !connected;
         let result: Result<Option<u64>, ClientError> = match &outcome {
             Ok(None) => Ok(None),
             Ok(Some(resp)) => resp
@@ -632,6 +648,12 @@ async fn send_request(
                     if p.status.is_ok() {
                         Ok(Some(p.base_offset + pos))
                     } else {
+                        // The node answers a partition with an error before appending, except
+                        // when the append timed out or its outcome was lost.
+                        not_stored = !matches!(
+                            p.status.code,
+                            ErrorCode::RequestTimedOut | ErrorCode::Unknown
+                        );
                         Err(ClientError::server(&p.status))
                     }
                 })
@@ -640,16 +662,31 @@ async fn send_request(
                         "partition missing from produce response".into(),
                     ))
                 }),
-            Err(e) => Err(e.clone()),
+            Err(e) => {
+                // An error frame instead of a response: the node refused the request before
+                // handling it (it never reached a partition).
+                not_stored |= matches!(e, ClientError::Server { .. });
+                Err(e.clone())
+            }
         };
         match result {
-            Err(e) if e.is_retriable() && b.attempts < inner.config.retries_max => {
+            Err(e)
+                if e.is_retriable()
+                    && b.attempts < inner.config.retries_max
+                    && (not_stored || inner.config.retry_unknown_outcome) =>
+            {
                 retry.push((b, e))
             }
             other => {
                 released += b.reserved_bytes;
                 settled.push(b.id);
-                let _ = b.reply.send(other.map_err(ProduceError::from));
+                let _ = b.reply.send(other.map_err(|e| {
+                    if not_stored {
+                        ProduceError::Client(e)
+                    } else {
+                        ProduceError::OutcomeUnknown(e)
+                    }
+                }));
             }
         }
     }

@@ -232,6 +232,9 @@ pub async fn topic(cmd: TopicCommand) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn produce(a: ProduceArgs) -> anyhow::Result<ExitCode> {
+    if a.key_separator.as_deref() == Some("") {
+        anyhow::bail!("--key-separator must not be empty");
+    }
     let client = a.connect.connect().await?;
     // Fail fast on an unknown topic, before reading any input.
     client.partition_count(&a.topic).await?;
@@ -267,28 +270,49 @@ pub async fn produce(a: ProduceArgs) -> anyhow::Result<ExitCode> {
         }
         (ok, failed)
     });
-    let (line_tx, mut line_rx) = tokio::sync::mpsc::channel::<std::io::Result<String>>(1024);
+    // Lines are bytes, not text: any value without a newline in it can be produced.
+    let (line_tx, mut line_rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(1024);
     std::thread::spawn(move || {
-        for line in std::io::stdin().lock().lines() {
-            if line_tx.blocking_send(line).is_err() {
-                break;
+        let mut stdin = std::io::stdin().lock();
+        loop {
+            let mut line = Vec::new();
+            match stdin.read_until(b'\n', &mut line) {
+                Ok(0) => break,
+                Ok(_) => {
+                    if line.last() == Some(&b'\n') {
+                        line.pop();
+                        if line.last() == Some(&b'\r') {
+                            line.pop();
+                        }
+                    }
+                    if line_tx.blocking_send(Ok(line)).is_err() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    let _ = line_tx.blocking_send(Err(e));
+                    break;
+                }
             }
         }
     });
+    let sep = a.key_separator.as_deref().map(str::as_bytes);
     while let Some(line) = line_rx.recv().await {
-        let line = line?;
-        let (key, value) = match &a.key_separator {
-            Some(sep) => match line.split_once(sep.as_str()) {
-                Some((k, v)) => (Some(Bytes::from(k.to_string())), v.to_string()),
-                None => (None, line),
-            },
+        let line = Bytes::from(line?);
+        let split = sep.and_then(|sep| {
+            line.windows(sep.len())
+                .position(|w| w == sep)
+                .map(|at| (at, sep.len()))
+        });
+        let (key, value) = match split {
+            Some((at, n)) => (Some(line.slice(..at)), line.slice(at + n..)),
             None => (None, line),
         };
         let record = ProducerRecord {
             topic: a.topic.clone(),
             partition: a.partition,
             key,
-            value: Some(Bytes::from(value)),
+            value: Some(value),
             headers: headers.clone(),
             timestamp_ms: None,
         };

@@ -1,9 +1,11 @@
 //! `quiver perf`: the load generator. Every run can print one JSON summary line (`--json`) so
 //! BENCHMARKS.md figures are reproducible from the command alone.
 //!
-//! - `produce`: K producers write N records (or for D seconds) and report records/s, MB/s and
-//!   acknowledgement latency percentiles (sampled: every `--latency-sample`-th record).
-//! - `consume`: reads N records from the earliest offset and reports records/s and MB/s.
+//! - `produce`: K producers write N records (or for D seconds) and report acknowledged
+//!   records/s, MB/s, failures and acknowledgement latency percentiles (sampled: every
+//!   `--latency-sample`-th record; every record's outcome is counted).
+//! - `consume`: reads N records from the earliest offset and reports records/s, MB/s and the
+//!   latency of each poll (one fetch round trip and its decoding).
 //! - `e2e`: a producer at `--rate` records/s and a consumer (own thread, runtime and
 //!   connection) in one process; latency is from `send` to the record arriving at the consumer
 //!   (send time travels in the value).
@@ -18,9 +20,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use clap::{Args, Subcommand, ValueEnum};
 use hdrhistogram::Histogram;
+use std::collections::VecDeque;
+
+use futures::FutureExt;
 use quiver_client::{
-    Acks, Client, Compression, Consumer, ConsumerConfig, Producer, ProducerConfig, ProducerRecord,
-    SeekTo,
+    Acks, Client, Compression, Consumer, ConsumerConfig, DeliveryFuture, ProduceError, Producer,
+    ProducerConfig, ProducerRecord, RecordMetadata, SeekTo,
 };
 use quiver_proto::ApiKey;
 use quiver_proto::frame::frame_prefix;
@@ -272,6 +277,15 @@ async fn drive_producers(
             let mut rng = Rng(0x1234_5678 + i as u64);
             let mut hist = histogram();
             let mut sampled = Vec::new();
+            // Every other record's outcome, oldest first; settled ones are drained as the run
+            // goes (the producer's buffer bounds how many can be unsettled), so the summary
+            // counts acknowledged records and every failure, not records handed to `send`.
+            let mut pending: VecDeque<DeliveryFuture> = VecDeque::new();
+            let (mut acked, mut lost) = (0u64, 0u64);
+            let mut settle = |r: Result<RecordMetadata, ProduceError>| match r {
+                Ok(_) => acked += 1,
+                Err(_) => lost += 1,
+            };
             let mut sent = 0u64;
             let t0 = Instant::now();
             while deadline.map_or(sent < per_producer, |d| Instant::now() < d) {
@@ -318,6 +332,14 @@ async fn drive_producers(
                                     (r.is_ok(), Instant::now())
                                 }),
                             ));
+                        } else {
+                            pending.push_back(d);
+                        }
+                        if sent.is_multiple_of(1024) {
+                            while let Some(r) = pending.front_mut().and_then(|f| f.now_or_never()) {
+                                pending.pop_front();
+                                settle(r);
+                            }
                         }
                     }
                     Err(e) => {
@@ -330,29 +352,37 @@ async fn drive_producers(
             if let Err(e) = producer.close().await {
                 tracing::warn!(error = %e, "producer close failed");
             }
+            // Everything is settled once `close` returns: the run ends here.
+            let done_at = Instant::now();
+            for d in pending {
+                settle(d.await);
+            }
             for (at, h) in sampled {
-                if let Ok((ok, done)) = h.await {
-                    if ok {
+                match h.await {
+                    Ok((true, done)) => {
+                        acked += 1;
                         let _ = hist.record((done - at).as_micros().max(1) as u64);
-                    } else {
-                        failed.fetch_add(1, Ordering::Relaxed);
                     }
+                    _ => lost += 1,
                 }
             }
-            (sent, hist)
+            failed.fetch_add(lost, Ordering::Relaxed);
+            (acked, hist, done_at)
         }));
     }
     let mut records = 0;
     let mut latency = histogram();
+    let mut ended = started;
     for t in tasks {
-        let (sent, h) = t.await?;
-        records += sent;
+        let (acked, h, done_at) = t.await?;
+        records += acked;
+        ended = ended.max(done_at);
         latency.add(&h).ok();
     }
     Ok(ProduceOutcome {
         records,
         failed: failed.load(Ordering::Relaxed),
-        elapsed: started.elapsed(),
+        elapsed: ended - started,
         latency,
     })
 }
@@ -417,8 +447,12 @@ async fn consume(a: ConsumeArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let (mut records, mut bytes) = (0u64, 0u64);
     let mut idle_polls = 0;
+    // Time of each poll (one fetch round trip, decoding included).
+    let mut fetch_latency = histogram();
     while records < a.count {
+        let at = Instant::now();
         let batch = consumer.poll().await?;
+        let _ = fetch_latency.record(at.elapsed().as_micros().max(1) as u64);
         if batch.is_empty() {
             idle_polls += 1;
             if idle_polls >= 4 && consumer.caught_up() {
@@ -444,6 +478,7 @@ async fn consume(a: ConsumeArgs) -> anyhow::Result<()> {
             "seconds": secs,
             "records_per_s": records as f64 / secs,
             "mb_per_s": bytes as f64 / 1e6 / secs,
+            "poll_latency": quantiles_ms(&fetch_latency),
         }),
     );
     Ok(())
