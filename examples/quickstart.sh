@@ -12,13 +12,26 @@ data="${QUIVER_DATA_DIR:-quiver-data}"
 "$bin" serve --data-dir "$data" --listen 127.0.0.1:7400 > quiver-serve.log 2>&1 &
 server=$!
 trap 'kill -TERM $server 2>/dev/null; wait $server 2>/dev/null || true' EXIT
-for _ in $(seq 1 100); do
+for _ in $(seq 1 300); do
   grep -q "quiver listening" quiver-serve.log && break
+  if ! kill -0 $server 2>/dev/null; then
+    echo "error: the node did not start; its log (quiver-serve.log):" >&2
+    cat quiver-serve.log >&2
+    exit 1
+  fi
   sleep 0.1
 done
+grep -q "quiver listening" quiver-serve.log || { echo "error: the node did not start in 30 s" >&2; exit 1; }
 export QUIVER_SERVER=127.0.0.1:7400 QUIVER_CA="$data/tls/ca.pem"
 
-"$bin" topic create quickstart --partitions 3 2>/dev/null || echo "(topic quickstart already exists)"
+if ! out=$("$bin" topic create quickstart --partitions 3 2>&1); then
+  case "$out" in
+    *topic_already_exists*) echo "(topic quickstart already exists)" ;;
+    *) echo "$out" >&2; exit 1 ;;
+  esac
+else
+  echo "$out"
+fi
 "$bin" topic list
 printf 'alice:signed up\nbob:signed up\nalice:ordered coffee\nbob:ordered tea\nalice:paid\n' \
   | "$bin" produce quickstart --key-separator : --header source=quickstart

@@ -181,6 +181,8 @@ pub struct PartitionLog {
     log_end_offset: u64,
     durable_end_offset: u64,
     size_bytes: u64,
+    /// fdatasyncs of the active segment completed since open (`flush` and `complete_flush`).
+    flushes: u64,
 }
 
 impl PartitionLog {
@@ -236,6 +238,7 @@ impl PartitionLog {
             writer,
             log_end_offset,
             durable_end_offset: log_end_offset,
+            flushes: 0,
             size_bytes,
         };
         tracing::debug!(dir = %dir.display(), start = log.log_start_offset(), end = log_end_offset, ?report, "opened partition log");
@@ -350,6 +353,7 @@ impl PartitionLog {
             .sync_data()
             .map_err(io_err("sync", &self.active.path))?;
         self.durable_end_offset = self.log_end_offset;
+        self.flushes += 1;
         Ok(())
     }
 
@@ -381,6 +385,13 @@ impl PartitionLog {
         self.durable_end_offset = self
             .durable_end_offset
             .max(end_offset.min(self.log_end_offset));
+        self.flushes += 1;
+    }
+
+    /// fdatasyncs completed since the log was opened: how the fsync policy is observed (group
+    /// commit shares one among many appends).
+    pub fn flush_count(&self) -> u64 {
+        self.flushes
     }
 
     /// The first offset in the log.
