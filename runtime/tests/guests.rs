@@ -15,9 +15,18 @@ use quiver_runtime::{
 };
 use quiver_test_artifacts as guests;
 
+/// A runtime with a generous deadline: the tests run in parallel on a loaded machine, and a
+/// deadline is only meant to stop guests that never return (see `SPIN_DEADLINE_MS`).
 fn runtime() -> Runtime {
+    runtime_with_deadline(10_000)
+}
+
+/// The deadline of the test where it is the point.
+const SPIN_DEADLINE_MS: u64 = 300;
+
+fn runtime_with_deadline(call_ms_max: u64) -> Runtime {
     Runtime::new(RuntimeConfig {
-        call_ms_max: 300,
+        call_ms_max,
         memory_bytes_max: 32 << 20,
         instances_max: 32,
         log_lines_per_call_max: 100,
@@ -151,14 +160,17 @@ fn transform_splits_routes_and_fails_per_record() {
 
 #[test]
 fn a_guest_that_loops_forever_times_out_and_the_next_batch_still_runs() {
-    let rt = runtime();
+    let rt = runtime_with_deadline(SPIN_DEADLINE_MS);
     let mut inst = rt
         .load(&wasm(guests::SPIN))
         .unwrap()
         .instantiate(vec![], state())
         .unwrap();
     for _ in 0..2 {
-        assert_eq!(inst.filter(&batch(&["x"])), Err(PluginError::Timeout(300)));
+        assert_eq!(
+            inst.filter(&batch(&["x"])),
+            Err(PluginError::Timeout(SPIN_DEADLINE_MS))
+        );
     }
     assert_eq!(inst.stats().errors, 2);
     assert_eq!(inst.stats().rebuilds, 1, "rebuilt before the second batch");
@@ -257,6 +269,7 @@ fn a_chatty_guest_is_bounded_and_keeps_working() {
 fn printed_output_becomes_log_lines() {
     let rt = Runtime::new(RuntimeConfig {
         log_lines_per_call_max: 100_000_000,
+        call_ms_max: 10_000,
         ..RuntimeConfig::default()
     })
     .unwrap();

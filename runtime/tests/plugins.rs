@@ -9,8 +9,17 @@
 use quiver_runtime::{ColumnarBatch, Instance, MemoryState, PluginError, Runtime, RuntimeConfig};
 use quiver_test_artifacts as guests;
 
+/// A generous deadline: tests run in parallel on a loaded machine.
+fn runtime() -> Runtime {
+    Runtime::new(RuntimeConfig {
+        call_ms_max: 10_000,
+        ..RuntimeConfig::default()
+    })
+    .unwrap()
+}
+
 fn instance(path: &str, params: &[(&str, &str)]) -> Result<Instance, PluginError> {
-    let rt = Runtime::new(RuntimeConfig::default()).unwrap();
+    let rt = runtime();
     let plugin = rt.load(&std::fs::read(path).unwrap()).unwrap();
     plugin.instantiate(
         params
@@ -296,7 +305,7 @@ fn dedupe_drops_keys_seen_within_the_window_across_instances() {
         [true, true, true, false, false, false, true, true, true]
     );
     // State carries across instances (a restart or a version swap).
-    let rt = Runtime::new(RuntimeConfig::default()).unwrap();
+    let rt = runtime();
     let plugin = rt.load(&std::fs::read(guests::DEDUPE).unwrap()).unwrap();
     let params = vec![("window-ms".to_string(), "60000".to_string())];
     let mut first = plugin

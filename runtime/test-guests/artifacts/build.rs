@@ -10,6 +10,7 @@ use std::process::Command;
 /// (constant name, package) of every guest.
 const GUESTS: &[(&str, &str)] = &[
     ("REFERENCE", "quiver-test-guest-reference"),
+    ("IDENTITY", "quiver-test-guest-identity"),
     ("SPLIT", "quiver-test-guest-split"),
     ("SPIN", "quiver-test-guest-spin"),
     ("HOG", "quiver-test-guest-hog"),

@@ -8,6 +8,7 @@ include!(concat!(env!("OUT_DIR"), "/guests.rs"));
 pub fn all() -> Vec<(&'static str, &'static str)> {
     vec![
         ("REFERENCE", REFERENCE),
+        ("IDENTITY", IDENTITY),
         ("SPLIT", SPLIT),
         ("SPIN", SPIN),
         ("HOG", HOG),
