@@ -24,4 +24,4 @@ pub mod transform {
     });
 }
 
-pub use filter::quiver::plugin::types::{Batch, PluginError as GuestError};
+pub use filter::quiver::plugin::types::{Batch, PluginError as GuestError, RecordFailure};

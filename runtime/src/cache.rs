@@ -3,9 +3,10 @@
 //! millisecond.
 //!
 //! Files: `<sha256>-<engine>.cwasm` and beside it `<sha256>-<engine>.cwasm.sha256` holding the
-//! sha256 of the artifact itself. An artifact is loaded only if that checksum matches (a torn or
-//! corrupted file is recompiled, never loaded) and only from the node's own cache directory:
-//! precompiled code is trusted machine code, so it is never accepted from users.
+//! sha256 of the artifact itself. An artifact is loaded only if that checksum matches the bytes
+//! read (a torn or corrupted file is recompiled, never loaded), and only from the node's own
+//! cache directory: precompiled code is trusted machine code, so it is never accepted from
+//! users. Loading deserializes the bytes that were checked, not the file again.
 
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
@@ -63,10 +64,12 @@ pub(crate) fn load_or_compile(
     };
     let path = artifact_path(dir, engine, sha256);
     let sum_path = path.with_extension("cwasm.sha256");
+    // The checked bytes are the ones loaded (never the file again, which could have changed
+    // in between).
     if let (Ok(artifact), Ok(sum)) = (std::fs::read(&path), std::fs::read_to_string(&sum_path))
         && sha256_hex(&artifact) == sum.trim()
     {
-        match deserialize(engine, &path) {
+        match deserialize(engine, &artifact) {
             Ok(c) => return Ok((c, CacheOutcome::Hit)),
             Err(e) => {
                 tracing::warn!(path = %path.display(), error = %e, "cached artifact refused; recompiling")
@@ -76,26 +79,32 @@ pub(crate) fn load_or_compile(
     let artifact = engine
         .precompile_component(wasm)
         .map_err(|e| format!("compile: {e:#}"))?;
-    write_atomically(dir, &path, &artifact)
-        .and_then(|()| write_atomically(dir, &sum_path, sha256_hex(&artifact).as_bytes()))
+    // The checksum goes first: a crash between the two writes leaves an artifact without a
+    // matching checksum, which is recompiled, never loaded.
+    write_atomically(dir, &sum_path, sha256_hex(&artifact).as_bytes())
+        .and_then(|()| write_atomically(dir, &path, &artifact))
         .map_err(|e| format!("write {}: {e}", path.display()))?;
-    let component = deserialize(engine, &path)?;
+    let component = deserialize(engine, &artifact)?;
     Ok((component, CacheOutcome::Compiled))
 }
 
 #[allow(unsafe_code)]
-fn deserialize(engine: &Engine, path: &Path) -> Result<Component, String> {
-    // SAFETY: `deserialize_file` trusts the file to be an artifact produced by
-    // `precompile_component` of a compatible engine. Only this module writes into the cache
-    // directory (the node's own data directory), and the checksum written beside each
-    // artifact was checked before this call; wasmtime itself rejects artifacts from an engine
-    // with another configuration or version.
-    unsafe { Component::deserialize_file(engine, path) }.map_err(|e| format!("load: {e:#}"))
+fn deserialize(engine: &Engine, artifact: &[u8]) -> Result<Component, String> {
+    // SAFETY: `deserialize` trusts the bytes to be an artifact produced by
+    // `precompile_component` of a compatible engine. They are either what this engine just
+    // produced, or the contents of a file in the node's own cache directory (which only this
+    // module writes) whose checksum, written beside it, matched these very bytes; wasmtime
+    // itself rejects artifacts from an engine with another configuration or version.
+    unsafe { Component::deserialize(engine, artifact) }.map_err(|e| format!("load: {e:#}"))
 }
 
+/// Writes `path` through a temporary file unique to this process, thread and call, so
+/// concurrent loads of one component never share a half-written file.
 fn write_atomically(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     std::fs::create_dir_all(dir)?;
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let unique = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp-{}-{unique}", std::process::id()));
     {
         use std::io::Write;
         let mut f = std::fs::File::create(&tmp)?;

@@ -270,6 +270,43 @@ mod tests {
         assert_eq!(b.select([2, 0]).records(), vec![r[2].clone(), r[0].clone()]);
     }
 
+    proptest::proptest! {
+        /// Whatever a guest returns, checking it never panics, and a batch that passes the
+        /// check can be read record by record without going out of bounds.
+        #[test]
+        fn any_guest_batch_is_checked_without_panicking(
+            count in 0u32..6,
+            offsets in proptest::collection::vec(0u32..40, 0..8),
+            more in proptest::collection::vec(0u32..40, 0..8),
+            bits in proptest::collection::vec(proptest::num::u8::ANY, 0..3),
+            data in proptest::collection::vec(proptest::num::u8::ANY, 0..40),
+        ) {
+            let mut sorted = offsets.clone();
+            sorted.sort_unstable();
+            let candidate = |o: &Vec<u32>| if o.len().is_multiple_of(2) { sorted.clone() } else { o.clone() };
+            let b = Batch {
+                count,
+                offsets: vec![0; count as usize],
+                timestamps: vec![0; count as usize],
+                key_present: bits.clone(),
+                key_offsets: candidate(&offsets),
+                keys: data.clone(),
+                value_present: bits.clone(),
+                value_offsets: candidate(&more),
+                values: data.clone(),
+                header_offsets: candidate(&more),
+                header_name_offsets: candidate(&offsets),
+                header_names: data.clone(),
+                header_value_present: bits.clone(),
+                header_value_offsets: candidate(&more),
+                header_values: data,
+            };
+            if let Ok(checked) = ColumnarBatch::from_guest(b, usize::MAX) {
+                proptest::prop_assert_eq!(checked.records().len(), count as usize);
+            }
+        }
+    }
+
     #[test]
     fn inconsistent_guest_batches_are_refused() {
         let mut b = ColumnarBatch::new();

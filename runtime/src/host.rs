@@ -143,6 +143,7 @@ pub(crate) struct HostLimits {
     pub(crate) memory_bytes_max: usize,
     pub(crate) log_lines_per_call_max: usize,
     pub(crate) log_line_bytes_max: usize,
+    pub(crate) log_bytes_per_call_max: usize,
     pub(crate) output_bytes_per_call_max: usize,
     pub(crate) metrics_max: usize,
 }
@@ -259,7 +260,11 @@ pub(crate) struct HostState {
     /// Set when the guest asked for more memory than its cap.
     pub(crate) memory_refused: bool,
     pub(crate) logs: Vec<LogLine>,
+    /// Bytes of messages and fields kept in `logs` this call.
+    pub(crate) log_bytes: usize,
     pub(crate) logs_dropped: u64,
+    /// Bytes of all linear memories of the instance (the cap covers their sum).
+    memory_bytes: usize,
     pub(crate) metrics: BTreeMap<String, MetricValue>,
     pub(crate) state: Box<dyn StateStore>,
     pub(crate) stdout: Capture,
@@ -294,7 +299,9 @@ impl HostState {
             limits,
             memory_refused: false,
             logs: Vec::new(),
+            log_bytes: 0,
             logs_dropped: 0,
+            memory_bytes: 0,
             metrics: BTreeMap::new(),
             state,
             stdout,
@@ -303,10 +310,19 @@ impl HostState {
     }
 
     fn push_log(&mut self, line: LogLine) {
-        if self.logs.len() >= self.limits.log_lines_per_call_max {
+        let bytes = line.message.len()
+            + line
+                .fields
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>();
+        if self.logs.len() >= self.limits.log_lines_per_call_max
+            || self.log_bytes + bytes > self.limits.log_bytes_per_call_max
+        {
             self.logs_dropped += 1;
             return;
         }
+        self.log_bytes += bytes;
         self.logs.push(line);
     }
 
@@ -368,14 +384,19 @@ impl WasiView for HostState {
 impl wasmtime::ResourceLimiter for HostState {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired > self.limits.memory_bytes_max {
+        // The cap covers all memories of the instance together.
+        let total = self
+            .memory_bytes
+            .saturating_add(desired.saturating_sub(current));
+        if total > self.limits.memory_bytes_max {
             self.memory_refused = true;
             return Ok(false);
         }
+        self.memory_bytes = total;
         Ok(true)
     }
 

@@ -23,6 +23,7 @@ mod cache;
 mod columnar;
 mod host;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -54,8 +55,10 @@ pub struct RuntimeConfig {
     pub instances_max: u32,
     /// Log lines (log calls and printed lines) kept per call; the rest are counted.
     pub log_lines_per_call_max: usize,
-    /// Longest kept log line, bytes.
+    /// Longest kept log message or field value, bytes.
     pub log_line_bytes_max: usize,
+    /// Bytes of log messages and fields kept per call.
+    pub log_bytes_per_call_max: usize,
     /// stdout and stderr bytes kept per call, each.
     pub output_bytes_per_call_max: usize,
     /// Distinct metric names per instance.
@@ -76,6 +79,7 @@ impl Default for RuntimeConfig {
             instances_max: 256,
             log_lines_per_call_max: 1_000,
             log_line_bytes_max: 4 << 10,
+            log_bytes_per_call_max: 256 << 10,
             output_bytes_per_call_max: 64 << 10,
             metrics_max: 256,
             output_data_bytes_max: 64 << 20,
@@ -306,6 +310,7 @@ impl Runtime {
             memory_bytes_max: c.memory_bytes_max,
             log_lines_per_call_max: c.log_lines_per_call_max,
             log_line_bytes_max: c.log_line_bytes_max,
+            log_bytes_per_call_max: c.log_bytes_per_call_max,
             output_bytes_per_call_max: c.output_bytes_per_call_max,
             metrics_max: c.metrics_max,
         }
@@ -359,24 +364,53 @@ impl Plugin {
         self.inner.cache
     }
 
-    /// A new instance with `config` given to `init`, and `state` as its keyed state.
+    /// A new instance with `config` given to `init`, and `state` as its keyed state. When
+    /// it cannot start, the error hands the state back (for the version that runs now).
     pub fn instantiate(
         &self,
         config: Vec<(String, String)>,
         state: Box<dyn StateStore>,
-    ) -> Result<Instance, PluginError> {
+    ) -> Result<Instance, Refused> {
         let mut instance = Instance {
             plugin: self.clone(),
             config,
             live: None,
             pending_state: Some(state),
+            pending_metrics: BTreeMap::new(),
             stats: InstanceStats::default(),
             report: CallReport::default(),
         };
-        instance.ensure_live()?;
-        Ok(instance)
+        match instance.ensure_live() {
+            Ok(()) => Ok(instance),
+            Err(error) => Err(Refused {
+                error,
+                state: instance.into_state(),
+            }),
+        }
     }
 }
+
+/// An instance that could not start, and the keyed state it was given.
+pub struct Refused {
+    /// Why.
+    pub error: PluginError,
+    /// The state, untouched by anything but the failed `init`.
+    pub state: Box<dyn StateStore>,
+}
+
+impl std::fmt::Debug for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Refused({:?})", self.error)
+    }
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl std::error::Error for Refused {}
 
 enum Bound {
     Filter(FilterWorld),
@@ -457,8 +491,9 @@ pub struct Instance {
     plugin: Plugin,
     config: Vec<(String, String)>,
     live: Option<Live>,
-    /// State kept while no store holds it (between a failure and the rebuild).
+    /// State (and metrics) kept while no store holds them (between a failure and the rebuild).
     pending_state: Option<Box<dyn StateStore>>,
+    pending_metrics: BTreeMap<String, MetricValue>,
     stats: InstanceStats,
     report: CallReport,
 }
@@ -488,19 +523,13 @@ impl Instance {
         &self.report
     }
 
-    /// Metrics the guest reported so far.
+    /// Metrics the guest reported so far (kept across rebuilds).
     pub fn metrics(&self) -> Vec<(String, MetricValue)> {
-        self.live
-            .as_ref()
-            .map(|l| {
-                l.store
-                    .data()
-                    .metrics
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect()
-            })
-            .unwrap_or_default()
+        let map = match &self.live {
+            Some(l) => &l.store.data().metrics,
+            None => &self.pending_metrics,
+        };
+        map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     }
 
     /// Ends the instance and hands back its keyed state (for the next version of the plugin,
@@ -526,13 +555,20 @@ impl Instance {
             .pending_state
             .take()
             .unwrap_or_else(|| Box::new(MemoryState::new(0)));
-        let mut store = Store::new(
-            &runtime.inner.engine,
-            HostState::new(runtime.limits(), state),
-        );
+        let mut host = HostState::new(runtime.limits(), state);
+        host.metrics = std::mem::take(&mut self.pending_metrics);
+        let mut store = Store::new(&runtime.inner.engine, host);
         store.limiter(|s| s);
-        let deadline_ticks =
-            runtime.inner.config.call_ms_max / runtime.inner.config.epoch_tick_ms.max(1) + 1;
+        // Bounds what one guest-to-host transfer (a host call's arguments, or a call's lifted
+        // result) may make the host allocate; wasmtime copies lists before any check of ours.
+        store.set_hostcall_fuel(
+            runtime
+                .inner
+                .config
+                .output_data_bytes_max
+                .saturating_add(1 << 20),
+        );
+        let deadline_ticks = deadline_ticks(&runtime.inner.config);
         store.set_epoch_deadline(deadline_ticks);
         let instantiated = match &self.plugin.inner.world {
             World::Filter(pre) => pre.instantiate(&mut store).map(Bound::Filter),
@@ -542,7 +578,7 @@ impl Instance {
             Ok(b) => b,
             Err(e) => {
                 let err = classify(&mut store, e, runtime);
-                self.pending_state = Some(store.into_data().state);
+                self.park(store.into_data());
                 return Err(match err {
                     PluginError::Trap(m) => PluginError::InitFailed(m),
                     other => other,
@@ -565,7 +601,7 @@ impl Instance {
         };
         self.report = take_report(&mut store);
         if let Some(err) = failure {
-            self.pending_state = Some(store.into_data().state);
+            self.park(store.into_data());
             return Err(err);
         }
         self.live = Some(Live { store, bound });
@@ -578,16 +614,22 @@ impl Instance {
         &mut self,
         f: impl FnOnce(&Bound, &mut Store<HostState>) -> wasmtime::Result<R>,
     ) -> Result<R, PluginError> {
+        // What `init` of a rebuild logged is reported with the call's own lines.
+        let mut init_report = CallReport::default();
         if self.live.is_none() {
+            // A rebuild after a failure; its own failure counts as an error of this call.
+            if let Err(e) = self.ensure_live() {
+                self.stats.errors += 1;
+                return Err(e);
+            }
             self.stats.rebuilds += 1;
+            init_report = std::mem::take(&mut self.report);
         }
-        self.ensure_live()?;
         let runtime = self.plugin.inner.runtime.clone();
         let Some(live) = self.live.as_mut() else {
             return Err(PluginError::Invalid("no instance".into()));
         };
-        let ticks =
-            runtime.inner.config.call_ms_max / runtime.inner.config.epoch_tick_ms.max(1) + 1;
+        let ticks = deadline_ticks(&runtime.inner.config);
         live.store.set_epoch_deadline(ticks);
         live.store.data_mut().memory_refused = false;
         let started = Instant::now();
@@ -597,7 +639,10 @@ impl Instance {
         // Classified before the report is taken: a trap's message includes what the guest
         // printed to stderr (a Rust panic message, say).
         let result = result.map_err(|e| classify(&mut live.store, e, &runtime));
-        self.report = take_report(&mut live.store);
+        let call_report = take_report(&mut live.store);
+        init_report.logs.extend(call_report.logs);
+        init_report.logs_dropped += call_report.logs_dropped;
+        self.report = init_report;
         match result {
             Ok(r) => Ok(r),
             Err(err) => {
@@ -607,16 +652,29 @@ impl Instance {
         }
     }
 
-    /// Drops the store (keeping the keyed state); the next call rebuilds it.
+    /// Keeps what outlives a store: the keyed state and the metrics.
+    fn park(&mut self, host: HostState) {
+        self.pending_state = Some(host.state);
+        self.pending_metrics = host.metrics;
+    }
+
+    /// Drops the store (keeping the keyed state and metrics); the next call rebuilds it.
     fn poison(&mut self) {
         self.stats.errors += 1;
         if let Some(live) = self.live.take() {
-            self.pending_state = Some(live.store.into_data().state);
+            self.park(live.store.into_data());
         }
     }
 
     /// Runs a filter over `batch`.
     pub fn filter(&mut self, batch: &ColumnarBatch) -> Result<FilterOutcome, PluginError> {
+        if self.plugin.kind() != PluginKind::Filter {
+            return Err(PluginError::Invalid(format!(
+                "{} is a {}, not a filter",
+                self.plugin.sha256(),
+                self.plugin.kind()
+            )));
+        }
         let n = batch.len();
         let out = self.call(|bound, store| match bound {
             Bound::Filter(f) => f.call_filter(store, &batch.inner),
@@ -641,7 +699,8 @@ impl Instance {
                 Ok(o)
             }
             Err(e) => {
-                self.stats.errors += 1;
+                // A guest that broke the contract is not trusted with the next batch as is.
+                self.poison();
                 Err(PluginError::InvalidOutput(e))
             }
         }
@@ -649,6 +708,13 @@ impl Instance {
 
     /// Runs a transform over `batch`.
     pub fn transform(&mut self, batch: &ColumnarBatch) -> Result<TransformOutcome, PluginError> {
+        if self.plugin.kind() != PluginKind::Transform {
+            return Err(PluginError::Invalid(format!(
+                "{} is a {}, not a transform",
+                self.plugin.sha256(),
+                self.plugin.kind()
+            )));
+        }
         let n = batch.len();
         let out = self.call(|bound, store| match bound {
             Bound::Transform(t) => t.call_transform(store, &batch.inner),
@@ -671,15 +737,23 @@ impl Instance {
                 Ok(o)
             }
             Err(e) => {
-                self.stats.errors += 1;
+                // A guest that broke the contract is not trusted with the next batch as is.
+                self.poison();
                 Err(PluginError::InvalidOutput(e))
             }
         }
     }
 }
 
+/// Epoch ticks for a call: rounded up, plus one for the tick already under way, so a call
+/// never times out before `call_ms_max`.
+fn deadline_ticks(config: &RuntimeConfig) -> u64 {
+    config.call_ms_max.div_ceil(config.epoch_tick_ms.max(1)) + 1
+}
+
 fn take_report(store: &mut Store<HostState>) -> CallReport {
     let data = store.data_mut();
+    data.log_bytes = 0;
     CallReport {
         logs: std::mem::take(&mut data.logs),
         logs_dropped: std::mem::take(&mut data.logs_dropped),
@@ -704,6 +778,12 @@ fn classify(store: &mut Store<HostState>, e: wasmtime::Error, runtime: &Runtime)
         Some(Trap::Interrupt) => return PluginError::Timeout(config.call_ms_max),
         Some(Trap::StackOverflow) => return PluginError::Trap("stack overflow".into()),
         _ => {}
+    }
+    if format!("{e:#}").contains("fuel allocated for hostcalls has been exhausted") {
+        return PluginError::InvalidOutput(format!(
+            "the guest passed the host more than {} bytes at once",
+            config.output_data_bytes_max
+        ));
     }
     let message = match e.downcast_ref::<Trap>() {
         Some(trap) => trap.to_string(),
@@ -742,16 +822,39 @@ fn check_verdicts(n: usize, v: bindings::filter::Verdicts) -> Result<FilterOutco
         return Err(format!("{} verdicts for {n} records", v.keep.len()));
     }
     let mut keep = v.keep;
-    let mut failures = Vec::with_capacity(v.failures.len());
-    for f in v.failures {
+    let failures = check_failures(n, v.failures)?;
+    for (i, _) in &failures {
+        keep[*i as usize] = false;
+    }
+    Ok(FilterOutcome { keep, failures })
+}
+
+/// Failures name distinct records of the input, in any order; a reason is cut to 1 KiB.
+fn check_failures(
+    n: usize,
+    failures: Vec<bindings::RecordFailure>,
+) -> Result<Vec<(u32, String)>, String> {
+    let mut seen = vec![false; n];
+    let mut out = Vec::with_capacity(failures.len());
+    for f in failures {
         let i = f.index as usize;
         if i >= n {
             return Err(format!("failure names record {i} of {n}"));
         }
-        keep[i] = false;
-        failures.push((f.index, f.reason));
+        if std::mem::replace(&mut seen[i], true) {
+            return Err(format!("record {i} is named as failed twice"));
+        }
+        let mut reason = f.reason;
+        if reason.len() > 1024 {
+            let mut end = 1024;
+            while !reason.is_char_boundary(end) {
+                end -= 1;
+            }
+            reason.truncate(end);
+        }
+        out.push((f.index, reason));
     }
-    Ok(FilterOutcome { keep, failures })
+    Ok(out)
 }
 
 fn check_transform(
@@ -771,6 +874,12 @@ fn check_transform(
     if o.sources.windows(2).any(|w| w[0] > w[1]) || o.sources.iter().any(|s| *s as usize >= n) {
         return Err("sources must be non-decreasing input indexes".into());
     }
+    if let Some(name) = o.topic_names.iter().find(|t| t.is_empty() || t.len() > 255) {
+        return Err(format!(
+            "output topic name of {} bytes (1 to 255 allowed)",
+            name.len()
+        ));
+    }
     let topics = o
         .topics
         .iter()
@@ -782,17 +891,26 @@ fn check_transform(
             t => Err(format!("topic index {t} of {} names", o.topic_names.len())),
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let mut failures = Vec::with_capacity(o.failures.len());
-    for f in o.failures {
-        if f.index as usize >= n {
-            return Err(format!("failure names record {} of {n}", f.index));
-        }
-        failures.push((f.index, f.reason));
+    let failures = check_failures(n, o.failures)?;
+    if failures.is_empty() {
+        return Ok(TransformOutcome {
+            records,
+            sources: o.sources,
+            topics,
+            failures,
+        });
     }
+    // Outputs of a failed input are discarded (the contract says a plugin must not emit
+    // them; the node does not trust that it did not).
+    let mut failed = vec![false; n];
+    for (i, _) in &failures {
+        failed[*i as usize] = true;
+    }
+    let keep: Vec<usize> = (0..m).filter(|j| !failed[o.sources[*j] as usize]).collect();
     Ok(TransformOutcome {
-        records,
-        sources: o.sources,
-        topics,
+        records: records.select(keep.iter().copied()),
+        sources: keep.iter().map(|j| o.sources[*j]).collect(),
+        topics: keep.iter().map(|j| topics[*j].clone()).collect(),
         failures,
     })
 }

@@ -73,7 +73,7 @@ fn reference_filter_keeps_drops_fails_and_uses_host_services() {
         quiver_runtime::sha256_hex(&wasm(guests::REFERENCE))
     );
 
-    match plugin.instantiate(vec![], state()) {
+    match plugin.instantiate(vec![], state()).map_err(|r| r.error) {
         Err(PluginError::InitFailed(m)) => assert!(m.contains("missing parameter: needle"), "{m}"),
         other => panic!("expected init to fail, got {other:?}"),
     }
@@ -154,8 +154,10 @@ fn transform_splits_routes_and_fails_per_record() {
     );
     assert_eq!(out.failures.len(), 1);
     assert_eq!(out.failures[0].0, 2);
-    // A transform is not a filter.
-    assert!(inst.filter(&input).is_err());
+    // A transform is not a filter: refused, and the instance is not torn down for it.
+    assert!(matches!(inst.filter(&input), Err(PluginError::Invalid(_))));
+    assert_eq!(inst.stats().errors, 0);
+    assert_eq!(inst.transform(&input).unwrap().sources, vec![0, 0, 3]);
 }
 
 #[test]
@@ -219,18 +221,40 @@ fn a_panicking_guest_traps_and_is_rebuilt_for_the_next_batch() {
 }
 
 #[test]
-fn output_of_the_wrong_shape_is_refused() {
+fn output_that_breaks_the_contract_is_refused() {
     let rt = runtime();
-    let mut inst = rt
-        .load(&wasm(guests::BAD_OUTPUT))
-        .unwrap()
-        .instantiate(vec![], state())
-        .unwrap();
-    match inst.filter(&batch(&["a", "b", "c"])) {
-        Err(PluginError::InvalidOutput(m)) => {
-            assert!(m.contains("2 verdicts for 3 records"), "{m}")
+    let plugin = rt.load(&wasm(guests::BAD_OUTPUT)).unwrap();
+    for (mode, expected) in [
+        (
+            "short",
+            PluginError::InvalidOutput("2 verdicts for 3 records".into()),
+        ),
+        (
+            "out-of-range",
+            PluginError::InvalidOutput("failure names record 10 of 3".into()),
+        ),
+        (
+            "duplicate",
+            PluginError::InvalidOutput("record 0 is named as failed twice".into()),
+        ),
+        ("error", PluginError::Failed("the plugin gave up".into())),
+    ] {
+        let mut inst = plugin
+            .instantiate(params(&[("mode", mode)]), state())
+            .unwrap();
+        for round in 0..2 {
+            assert_eq!(
+                inst.filter(&batch(&["a", "b", "c"])),
+                Err(expected.clone()),
+                "{mode}, round {round}"
+            );
         }
-        other => panic!("expected invalid output, got {other:?}"),
+        let s = inst.stats();
+        assert_eq!(
+            (s.errors, s.rebuilds, s.batches),
+            (2, 1, 0),
+            "{mode}: {s:?}"
+        );
     }
 }
 
@@ -253,22 +277,30 @@ fn a_chatty_guest_is_bounded_and_keeps_working() {
         "dropped {}",
         report.logs_dropped
     );
-    // The next call starts with a fresh allowance; printed output is captured as log lines.
+    // Offset 1: the guest stays quiet, and the report says so.
     let mut quiet = ColumnarBatch::new();
     quiet.push(1, 0, None, Some(b"v"), &[]);
     inst.filter(&quiet).unwrap();
     assert!(inst.report().logs.is_empty());
+    assert_eq!(inst.report().logs_dropped, 0);
+    // Offset 1000: it floods again, and gets a fresh allowance of 100 lines.
+    let mut again = ColumnarBatch::new();
+    again.push(1_000, 0, None, Some(b"v"), &[]);
+    inst.filter(&again).unwrap();
+    assert_eq!(inst.report().logs.len(), 100, "a fresh allowance per call");
     assert!(
-        rt.config().output_bytes_per_call_max < 1 << 20,
-        "the guest prints more than is kept"
+        inst.report()
+            .logs
+            .iter()
+            .all(|l| l.source == LogSource::Log)
     );
-    let _ = LogSource::Stdout;
 }
 
 #[test]
 fn printed_output_becomes_log_lines() {
     let rt = Runtime::new(RuntimeConfig {
         log_lines_per_call_max: 100_000_000,
+        log_bytes_per_call_max: usize::MAX,
         call_ms_max: 10_000,
         ..RuntimeConfig::default()
     })
@@ -382,4 +414,27 @@ fn a_chain_runs_filters_in_order_on_what_each_kept() {
 
     let split = rt.load(&wasm(guests::SPLIT)).unwrap();
     assert!(Chain::new(vec![split.instantiate(vec![], state()).unwrap()]).is_err());
+}
+
+#[test]
+fn transform_output_over_the_limit_is_refused() {
+    let rt = Runtime::new(RuntimeConfig {
+        output_data_bytes_max: 4,
+        call_ms_max: 10_000,
+        ..RuntimeConfig::default()
+    })
+    .unwrap();
+    let mut inst = rt
+        .load(&wasm(guests::SPLIT))
+        .unwrap()
+        .instantiate(vec![], state())
+        .unwrap();
+    match inst.transform(&batch(&["aaaa,bbbb"])) {
+        Err(PluginError::InvalidOutput(m)) => assert!(m.contains("limit"), "{m}"),
+        other => panic!("expected the output to be refused, got {other:?}"),
+    }
+    // Small outputs still go through on the rebuilt instance.
+    let mut small = ColumnarBatch::new();
+    small.push(0, 0, None, Some(b"a,b"), &[]);
+    assert_eq!(inst.transform(&small).unwrap().records.len(), 2);
 }

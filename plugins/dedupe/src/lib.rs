@@ -39,16 +39,27 @@ impl Filter for Dedupe {
                 Err(e) => return Verdict::Fail(e),
             },
         };
-        // Event time: a window is measured on record timestamps, so replays dedupe the same.
-        let last = state::get(&key)
-            .and_then(|v| v.try_into().ok())
-            .map(i64::from_le_bytes);
-        if let Some(last) = last
-            && record.timestamp.abs_diff(last) < self.window_ms as u64
-        {
-            return Verdict::Drop;
+        // State holds the timestamp and offset of the last kept record with this key. The
+        // window is measured on record timestamps (event time). A record whose offset is the
+        // remembered one is that same record seen again (a batch run twice after a restart,
+        // whose output was not committed): it is kept again, never counted as its own
+        // duplicate.
+        let last = state::get(&key).and_then(|v| {
+            let ts = i64::from_le_bytes(v.get(..8)?.try_into().ok()?);
+            let offset = u64::from_le_bytes(v.get(8..16)?.try_into().ok()?);
+            Some((ts, offset))
+        });
+        if let Some((ts, offset)) = last {
+            if offset == record.offset {
+                return Verdict::Keep;
+            }
+            if record.timestamp.abs_diff(ts) < self.window_ms as u64 {
+                return Verdict::Drop;
+            }
         }
-        match state::put(&key, &record.timestamp.to_le_bytes()) {
+        let mut entry = record.timestamp.to_le_bytes().to_vec();
+        entry.extend_from_slice(&record.offset.to_le_bytes());
+        match state::put(&key, &entry) {
             Ok(()) => Verdict::Keep,
             Err(e) => Verdict::Fail(format!("cannot remember the key: {e}")),
         }

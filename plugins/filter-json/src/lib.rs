@@ -113,7 +113,8 @@ impl Filter for FilterJson {
         let field = self.field.get(&doc);
         let keep = match (&self.op, field) {
             (Op::Exists, f) => f.is_some(),
-            (Op::Ne(v), None) => !v.is_null(),
+            // A missing field equals nothing, so `ne` keeps it (README).
+            (Op::Ne(_), None) => true,
             (_, None) => false,
             (Op::Eq(v), Some(f)) => equal(f, v),
             (Op::Ne(v), Some(f)) => !equal(f, v),

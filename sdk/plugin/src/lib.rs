@@ -16,7 +16,8 @@
 //!
 //! impl Filter for Contains {
 //!     fn init(config: &Config) -> Result<Self, String> {
-//!         let needle = config.get("needle").ok_or("missing parameter: needle")?;
+//!         let needle = config.get("needle").filter(|n| !n.is_empty());
+//!         let needle = needle.ok_or("missing parameter: needle (not empty)")?;
 //!         Ok(Self { needle: needle.as_bytes().to_vec() })
 //!     }
 //!
