@@ -834,6 +834,9 @@ fn check_failures(
     n: usize,
     failures: Vec<bindings::RecordFailure>,
 ) -> Result<Vec<(u32, String)>, String> {
+    if failures.is_empty() {
+        return Ok(Vec::new());
+    }
     let mut seen = vec![false; n];
     let mut out = Vec::with_capacity(failures.len());
     for f in failures {
