@@ -79,21 +79,7 @@ impl Drop for Server {
 }
 
 fn quiver(server: &str, ca: &Path, args: &[&str], stdin: Option<&str>) -> Output {
-    let mut child = Command::new(QUIVER)
-        .args(args)
-        .env("QUIVER_SERVER", server)
-        .env("QUIVER_CA", ca)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut input = child.stdin.take().unwrap();
-    if let Some(s) = stdin {
-        input.write_all(s.as_bytes()).unwrap();
-    }
-    drop(input);
-    child.wait_with_output().unwrap()
+    quiver_bytes(server, ca, args, stdin.map(str::as_bytes))
 }
 
 fn ok(out: &Output) -> String {
@@ -639,6 +625,7 @@ fn config_file_sizes_partition_follow_sigint_and_perf() {
     server.stop();
 }
 
+/// Runs `quiver ARGS` against `server` with `stdin`, bounded to two minutes.
 fn quiver_bytes(server: &str, ca: &Path, args: &[&str], stdin: Option<&[u8]>) -> Output {
     let mut child = Command::new(QUIVER)
         .args(args)
