@@ -1113,6 +1113,31 @@ mod tests {
         assert!(validate_batch(&liar, &LIMITS).is_err());
     }
 
+    /// The worked example of PROTOCOL.md §6.8 is exactly what the encoder produces, and it
+    /// validates and decodes: a client written from the document alone gets these bytes.
+    #[test]
+    fn protocol_md_worked_example_is_exact() {
+        let doc = include_str!("../../../PROTOCOL.md");
+        let section = &doc[doc.find("### 6.8 Worked example").unwrap()..];
+        let block = &section[section.find("```text").unwrap() + 7..];
+        let block = &block[..block.find("```").unwrap()];
+        let bytes: Vec<u8> = block
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .flat_map(|(_, hex)| hex.split_whitespace())
+            .map(|h| u8::from_str_radix(h, 16).unwrap())
+            .collect();
+        let mut b = BatchBuilder::new(Compression::None);
+        b.push(Some(b"k"), Some(b"hello"), &[], 1_700_000_000_000);
+        assert_eq!(bytes, b.finish().to_vec(), "PROTOCOL.md 6.8 vs the encoder");
+        assert_eq!(crc32c::crc32c(&bytes[CRC_START..]), 0x4779_4ACC);
+        assert_eq!(validate_batch(&bytes, &LIMITS).unwrap().record_count, 1);
+        let recs = BatchView::parse(&bytes).unwrap().to_records().unwrap();
+        assert_eq!(recs[0].key.as_deref(), Some(&b"k"[..]));
+        assert_eq!(recs[0].value.as_deref(), Some(&b"hello"[..]));
+        assert_eq!(recs[0].timestamp, 1_700_000_000_000);
+    }
+
     #[test]
     fn record_too_large() {
         let mut b = BatchBuilder::new(Compression::None);
