@@ -10,6 +10,7 @@ use quiver_proto::{ErrorCode, PartitionId, TopicName};
 
 use crate::catalog::{Catalog, CatalogError};
 use crate::partition::{Partition, PartitionError};
+use crate::plugins::Registry;
 use crate::topic_config::{PARTITIONS_MAX, TopicConfig};
 
 /// A topic hosted by this node.
@@ -58,6 +59,7 @@ pub struct Broker {
     node_id: u32,
     logs_dir: PathBuf,
     catalog: Catalog,
+    plugins: Registry,
     topics: DashMap<TopicName, Arc<Topic>>,
     topic_defaults: Vec<(String, String)>,
     /// Serialises create/delete so a name is never half created.
@@ -67,6 +69,11 @@ pub struct Broker {
 impl Broker {
     /// Opens the catalog and every partition under `data_dir`, removing partition directories
     /// of topics the catalog does not know (left by an interrupted delete).
+    /// The plugin registry.
+    pub fn plugins(&self) -> &Registry {
+        &self.plugins
+    }
+
     pub async fn open(
         node_id: u32,
         data_dir: &Path,
@@ -75,6 +82,7 @@ impl Broker {
         let logs_dir = data_dir.join("topics");
         std::fs::create_dir_all(&logs_dir)?;
         let catalog = Catalog::open(&data_dir.join("catalog"))?;
+        let plugins = Registry::open(data_dir, &catalog)?;
         let topic_defaults: Vec<(String, String)> = topic_defaults
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
@@ -87,6 +95,7 @@ impl Broker {
             node_id,
             logs_dir,
             catalog,
+            plugins,
             topics: DashMap::new(),
             topic_defaults,
             admin: tokio::sync::Mutex::new(()),

@@ -42,6 +42,17 @@ impl Catalog {
         Ok(Self { db, topics })
     }
 
+    /// Another tree of the same database (flushed by [`Catalog::flush`]).
+    pub fn tree(&self, name: &str) -> Result<sled::Tree, CatalogError> {
+        Ok(self.db.open_tree(name)?)
+    }
+
+    /// Makes every change so far durable.
+    pub fn flush(&self) -> Result<(), CatalogError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
     /// All topics with their settings.
     pub fn topics(&self) -> Result<Vec<(TopicName, TopicConfig)>, CatalogError> {
         let mut out = Vec::new();

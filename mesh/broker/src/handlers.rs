@@ -113,6 +113,46 @@ pub async fn delete_topics(broker: &Broker, req: DeleteTopicsRequest) -> DeleteT
     DeleteTopicsResponse { results }
 }
 
+/// Stores a plugin component (compiling and validating it off the async threads).
+pub async fn plugin_deploy(broker: &Broker, req: PluginDeployRequest) -> PluginDeployResponse {
+    match broker
+        .plugins()
+        .deploy(&req.name, &req.version, req.component)
+        .await
+    {
+        Ok((created, plugin)) => PluginDeployResponse {
+            status: Status::ok(),
+            created,
+            plugin,
+        },
+        Err((code, message)) => PluginDeployResponse {
+            status: Status::err(code, message),
+            created: false,
+            plugin: PluginInfo::default(),
+        },
+    }
+}
+
+/// Deployed plugins. A registry that cannot be read answers as a request-level error.
+pub fn plugin_list(
+    broker: &Broker,
+    req: PluginListRequest,
+) -> Result<PluginListResponse, (ErrorCode, String)> {
+    Ok(PluginListResponse {
+        plugins: broker.plugins().list(&req.name)?,
+    })
+}
+
+/// Removes a plugin version.
+pub async fn plugin_remove(broker: &Broker, req: PluginRemoveRequest) -> PluginRemoveResponse {
+    PluginRemoveResponse {
+        status: match broker.plugins().remove(&req.name, &req.version).await {
+            Ok(()) => Status::ok(),
+            Err((code, message)) => Status::err(code, message),
+        },
+    }
+}
+
 /// Every topic.
 pub fn list_topics(broker: &Broker) -> ListTopicsResponse {
     ListTopicsResponse {

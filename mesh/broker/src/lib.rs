@@ -17,6 +17,7 @@ pub mod handlers;
 pub mod node;
 pub mod order;
 pub mod partition;
+pub mod plugins;
 pub mod topic_config;
 
 pub use config::BrokerConfig;

@@ -518,6 +518,9 @@ async fn dispatch(
             }));
         }
         ApiKey::ListOffsets => one(&handlers::list_offsets(broker, decode(body)?).await),
+        ApiKey::PluginDeploy => one(&handlers::plugin_deploy(broker, decode(body)?).await),
+        ApiKey::PluginList => one(&handlers::plugin_list(broker, decode(body)?)?),
+        ApiKey::PluginRemove => one(&handlers::plugin_remove(broker, decode(body)?).await),
         ApiKey::TransportProbe => {
             probe(shared, decode(body)?, recv, send).await?;
             None

@@ -39,7 +39,8 @@ use quiver_proto::messages::{
     Acks, ApiVersionsRequest, ApiVersionsResponse, CreateTopicsRequest, DeleteTopicsRequest,
     DescribeTopicsRequest, FetchPartition, FetchRequest, FetchResponse, FetchTopic,
     LATEST_TIMESTAMP, ListOffsetsRequest, ListTopicsRequest, Message, MetadataRequest,
-    ProducePartition, ProduceRequest, ProduceResponse, ProduceTopic, Status, TransportProbeRequest,
+    PluginDeployRequest, PluginListRequest, PluginRemoveRequest, ProducePartition, ProduceRequest,
+    ProduceResponse, ProduceTopic, Status, TransportProbeRequest,
 };
 use quiver_proto::{ApiKey, BatchBuilder, Compression, ErrorCode, RequestHeader, ResponseHeader};
 use quiver_transport::{
@@ -1066,6 +1067,9 @@ fn body_decodes(api: ApiKey, body: Bytes) -> bool {
         ApiKey::Produce => ProduceRequest::from_bytes(body).is_ok(),
         ApiKey::Fetch => FetchRequest::from_bytes(body).is_ok(),
         ApiKey::ListOffsets => ListOffsetsRequest::from_bytes(body).is_ok(),
+        ApiKey::PluginDeploy => PluginDeployRequest::from_bytes(body).is_ok(),
+        ApiKey::PluginList => PluginListRequest::from_bytes(body).is_ok(),
+        ApiKey::PluginRemove => PluginRemoveRequest::from_bytes(body).is_ok(),
         ApiKey::TransportProbe => TransportProbeRequest::from_bytes(body).is_ok(),
     }
 }

@@ -665,3 +665,71 @@ fn wait_bounded(child: Child, limit: Duration) -> Output {
         }
     }
 }
+
+/// How and why: the plugin registry as a user drives it, through the binary: deploy a real
+/// component (a built-in plugin built from source), see it in `list` and `describe`, deploy
+/// it again (no-op), be refused for a missing file, garbage bytes and a bad NAME@VERSION, and
+/// remove it.
+#[test]
+fn plugin_commands_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let ca = data.join("tls/ca.pem");
+    let server = Server::start(&data);
+    let q = |args: &[&str]| quiver(&server.addr, &ca, args, None);
+    let component = quiver_test_artifacts::SAMPLE;
+    let deploy = |version: &str| {
+        q(&[
+            "plugin",
+            "deploy",
+            component,
+            "--name",
+            "sample",
+            "--version",
+            version,
+        ])
+    };
+    assert!(ok(&deploy("1.0.0")).contains("deployed sample@1.0.0 (filter)"));
+    assert!(ok(&deploy("1.0.0")).contains("already deployed with these bytes"));
+    let listed = ok(&q(&["plugin", "list"]));
+    assert!(listed.starts_with("sample@1.0.0\tfilter\t"), "{listed}");
+    let described = ok(&q(&["plugin", "describe", "sample"]));
+    assert!(described.contains("plugin sample (filter)"), "{described}");
+    assert!(described.contains("  1.0.0\tfilter\t"), "{described}");
+
+    fails_with(
+        &q(&[
+            "plugin",
+            "deploy",
+            "/nonexistent.wasm",
+            "--name",
+            "x",
+            "--version",
+            "1.0.0",
+        ]),
+        "cannot read /nonexistent.wasm",
+    );
+    let garbage = dir.path().join("garbage.wasm");
+    std::fs::write(&garbage, b"not a component").unwrap();
+    fails_with(
+        &q(&[
+            "plugin",
+            "deploy",
+            garbage.to_str().unwrap(),
+            "--name",
+            "x",
+            "--version",
+            "1.0.0",
+        ]),
+        "invalid_plugin",
+    );
+    fails_with(&q(&["plugin", "remove", "sample"]), "NAME@VERSION");
+    fails_with(&q(&["plugin", "describe", "nothing"]), "plugin_not_found");
+    assert!(ok(&q(&["plugin", "remove", "sample@1.0.0"])).contains("removed sample@1.0.0"));
+    fails_with(
+        &q(&["plugin", "remove", "sample@1.0.0"]),
+        "plugin_not_found",
+    );
+    assert!(ok(&q(&["plugin", "list"])).is_empty());
+    server.stop();
+}

@@ -47,6 +47,12 @@ pub enum ErrorCode {
     NotEnoughReplicas,
     /// The server is at a limit (connections, in-flight requests); retry later.
     Busy,
+    /// No plugin deployed under that name (and version).
+    PluginNotFound,
+    /// name@version is deployed with different bytes (versions are immutable).
+    PluginExists,
+    /// The component is not a valid plugin (not a component, neither world, unknown imports).
+    InvalidPlugin,
     /// A code this client does not know (from a newer server).
     Unrecognized(u16),
 }
@@ -76,6 +82,9 @@ impl ErrorCode {
             ErrorCode::Busy => 43,
             ErrorCode::NotLeader => 50,
             ErrorCode::NotEnoughReplicas => 51,
+            ErrorCode::PluginNotFound => 60,
+            ErrorCode::PluginExists => 61,
+            ErrorCode::InvalidPlugin => 62,
             ErrorCode::Unrecognized(c) => c,
         }
     }
@@ -104,6 +113,9 @@ impl ErrorCode {
             43 => ErrorCode::Busy,
             50 => ErrorCode::NotLeader,
             51 => ErrorCode::NotEnoughReplicas,
+            60 => ErrorCode::PluginNotFound,
+            61 => ErrorCode::PluginExists,
+            62 => ErrorCode::InvalidPlugin,
             c => ErrorCode::Unrecognized(c),
         }
     }
@@ -132,6 +144,9 @@ impl ErrorCode {
             ErrorCode::Busy => "busy",
             ErrorCode::NotLeader => "not_leader",
             ErrorCode::NotEnoughReplicas => "not_enough_replicas",
+            ErrorCode::PluginNotFound => "plugin_not_found",
+            ErrorCode::PluginExists => "plugin_exists",
+            ErrorCode::InvalidPlugin => "invalid_plugin",
             ErrorCode::Unrecognized(_) => "unrecognized",
         }
     }
@@ -171,6 +186,9 @@ impl ErrorCode {
         ErrorCode::Busy,
         ErrorCode::NotLeader,
         ErrorCode::NotEnoughReplicas,
+        ErrorCode::PluginNotFound,
+        ErrorCode::PluginExists,
+        ErrorCode::InvalidPlugin,
     ];
 }
 

@@ -42,6 +42,12 @@ pub enum ApiKey {
     Fetch,
     /// Earliest, latest or by-timestamp offsets.
     ListOffsets,
+    /// Deploy a plugin component as name@version.
+    PluginDeploy,
+    /// List deployed plugins.
+    PluginList,
+    /// Remove a deployed plugin version.
+    PluginRemove,
     /// Raw stream throughput probe for `quiver perf transport` (not a data API).
     TransportProbe,
 }
@@ -58,6 +64,9 @@ impl ApiKey {
         ApiKey::Produce,
         ApiKey::Fetch,
         ApiKey::ListOffsets,
+        ApiKey::PluginDeploy,
+        ApiKey::PluginList,
+        ApiKey::PluginRemove,
         ApiKey::TransportProbe,
     ];
 
@@ -73,6 +82,9 @@ impl ApiKey {
             ApiKey::Produce => 10,
             ApiKey::Fetch => 11,
             ApiKey::ListOffsets => 12,
+            ApiKey::PluginDeploy => 20,
+            ApiKey::PluginList => 21,
+            ApiKey::PluginRemove => 22,
             ApiKey::TransportProbe => 90,
         }
     }

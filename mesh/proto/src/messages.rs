@@ -1196,6 +1196,42 @@ mod tests {
 
     #[test]
     fn all_messages_roundtrip() {
+        let info = PluginInfo {
+            name: "filter-json".into(),
+            version: "1.2.3-rc.1".into(),
+            kind: "filter".into(),
+            sha256: "ab".repeat(32),
+            bytes: 123_456,
+            deployed_ms: 1_700_000_000_000,
+        };
+        roundtrip(PluginDeployRequest {
+            name: "filter-json".into(),
+            version: "1.2.3".into(),
+            component: Bytes::from_static(b"\0asm\x0d\0\x01\0"),
+        });
+        roundtrip(PluginDeployResponse {
+            status: Status::ok(),
+            created: true,
+            plugin: info.clone(),
+        });
+        roundtrip(PluginDeployResponse {
+            status: Status::err(ErrorCode::PluginExists, "differs"),
+            created: false,
+            plugin: PluginInfo::default(),
+        });
+        roundtrip(PluginListRequest {
+            name: String::new(),
+        });
+        roundtrip(PluginListResponse {
+            plugins: vec![info.clone(), info],
+        });
+        roundtrip(PluginRemoveRequest {
+            name: "a".into(),
+            version: "0.1.0".into(),
+        });
+        roundtrip(PluginRemoveResponse {
+            status: Status::err(ErrorCode::PluginNotFound, "no such plugin"),
+        });
         roundtrip(TransportProbeRequest {
             direction: ProbeDirection::Download,
             bytes: 1 << 30,
@@ -1421,5 +1457,180 @@ mod protocol_md_examples {
             frame.to_vec(),
             "PROTOCOL.md 4.7 response"
         );
+    }
+}
+
+/// A deployed plugin version.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PluginInfo {
+    /// Name (`[a-z0-9_-]`, 1–64 bytes).
+    pub name: String,
+    /// Semantic version.
+    pub version: String,
+    /// World: `filter` or `transform`.
+    pub kind: String,
+    /// sha256 of the component, hex.
+    pub sha256: String,
+    /// Size of the component, bytes.
+    pub bytes: u64,
+    /// When it was deployed, ms since the Unix epoch.
+    pub deployed_ms: i64,
+}
+
+fn put_plugin(w: &mut Writer, p: &PluginInfo) {
+    w.string(&p.name);
+    w.string(&p.version);
+    w.string(&p.kind);
+    w.string(&p.sha256);
+    w.u64(p.bytes);
+    w.i64(p.deployed_ms);
+}
+
+fn get_plugin(r: &mut Reader) -> Result<PluginInfo, DecodeError> {
+    Ok(PluginInfo {
+        name: r.string("name")?,
+        version: r.string("version")?,
+        kind: r.string("kind")?,
+        sha256: r.string("sha256")?,
+        bytes: r.u64("bytes")?,
+        deployed_ms: r.i64("deployed_ms")?,
+    })
+}
+
+/// Deploys `component` as `name@version`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PluginDeployRequest {
+    /// Plugin name.
+    pub name: String,
+    /// Semantic version (`MAJOR.MINOR.PATCH`, optional pre-release).
+    pub version: String,
+    /// The component's bytes.
+    pub component: Bytes,
+}
+
+/// Outcome of a deploy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PluginDeployResponse {
+    /// `plugin_exists`, `invalid_plugin`, `invalid_request` (name or version) or success.
+    pub status: Status,
+    /// Whether this request stored it (false: the same bytes were already deployed).
+    pub created: bool,
+    /// The deployed plugin (empty fields on failure).
+    pub plugin: PluginInfo,
+}
+
+impl Message for PluginDeployRequest {
+    const API: ApiKey = ApiKey::PluginDeploy;
+    fn encode(&self, w: &mut Writer) {
+        w.string(&self.name);
+        w.string(&self.version);
+        w.bytes(&self.component);
+    }
+    fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
+        Ok(Self {
+            name: r.string("name")?,
+            version: r.string("version")?,
+            component: r.bytes("component")?,
+        })
+    }
+}
+
+impl Message for PluginDeployResponse {
+    const API: ApiKey = ApiKey::PluginDeploy;
+    fn encode(&self, w: &mut Writer) {
+        self.status.encode(w);
+        w.u8(u8::from(self.created));
+        put_plugin(w, &self.plugin);
+    }
+    fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
+        Ok(Self {
+            status: Status::decode(r)?,
+            created: match r.u8("created")? {
+                0 => false,
+                1 => true,
+                _ => return Err(DecodeError::Invalid("created")),
+            },
+            plugin: get_plugin(r)?,
+        })
+    }
+}
+
+/// Lists deployed plugins: every version of `name`, or everything when `name` is empty.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PluginListRequest {
+    /// Name to list, or empty for all.
+    pub name: String,
+}
+
+/// Deployed plugins, by name then version (semantic order).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PluginListResponse {
+    /// The plugins.
+    pub plugins: Vec<PluginInfo>,
+}
+
+impl Message for PluginListRequest {
+    const API: ApiKey = ApiKey::PluginList;
+    fn encode(&self, w: &mut Writer) {
+        w.string(&self.name);
+    }
+    fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
+        Ok(Self {
+            name: r.string("name")?,
+        })
+    }
+}
+
+impl Message for PluginListResponse {
+    const API: ApiKey = ApiKey::PluginList;
+    fn encode(&self, w: &mut Writer) {
+        put_vec(w, &self.plugins, put_plugin);
+    }
+    fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
+        Ok(Self {
+            plugins: get_vec(r, "plugins", 26, get_plugin)?,
+        })
+    }
+}
+
+/// Removes `name@version`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PluginRemoveRequest {
+    /// Plugin name.
+    pub name: String,
+    /// Version to remove.
+    pub version: String,
+}
+
+/// Outcome of a remove.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PluginRemoveResponse {
+    /// `plugin_not_found` or success.
+    pub status: Status,
+}
+
+impl Message for PluginRemoveRequest {
+    const API: ApiKey = ApiKey::PluginRemove;
+    fn encode(&self, w: &mut Writer) {
+        w.string(&self.name);
+        w.string(&self.version);
+    }
+    fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
+        Ok(Self {
+            name: r.string("name")?,
+            version: r.string("version")?,
+        })
+    }
+}
+
+impl Message for PluginRemoveResponse {
+    const API: ApiKey = ApiKey::PluginRemove;
+    fn encode(&self, w: &mut Writer) {
+        self.status.encode(w);
+    }
+    fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
+        Ok(Self {
+            status: Status::decode(r)?,
+        })
     }
 }

@@ -360,6 +360,62 @@ impl Client {
         first_result(r.results)
     }
 
+    /// Deploys a plugin component as `name@version`; `true` when stored now, `false` when
+    /// the same bytes were already deployed. Retried like a read: a deploy is idempotent.
+    /// Compiling a large component can take seconds, so the wait is longer than usual.
+    pub async fn deploy_plugin(
+        &self,
+        name: &str,
+        version: &str,
+        component: bytes::Bytes,
+    ) -> Result<(bool, PluginInfo), ClientError> {
+        let r: PluginDeployResponse = self
+            .request(
+                &PluginDeployRequest {
+                    name: name.to_string(),
+                    version: version.to_string(),
+                    component,
+                },
+                60_000,
+            )
+            .await?;
+        if !r.status.is_ok() {
+            return Err(ClientError::server(&r.status));
+        }
+        Ok((r.created, r.plugin))
+    }
+
+    /// Deployed plugins: every version of `name`, or all when `name` is empty.
+    pub async fn list_plugins(&self, name: &str) -> Result<Vec<PluginInfo>, ClientError> {
+        let r: PluginListResponse = self
+            .request(
+                &PluginListRequest {
+                    name: name.to_string(),
+                },
+                0,
+            )
+            .await?;
+        Ok(r.plugins)
+    }
+
+    /// Removes `name@version`.
+    pub async fn remove_plugin(&self, name: &str, version: &str) -> Result<(), ClientError> {
+        let r: PluginRemoveResponse = self
+            .request_once(
+                &PluginRemoveRequest {
+                    name: name.to_string(),
+                    version: version.to_string(),
+                },
+                0,
+            )
+            .await?;
+        if r.status.is_ok() {
+            Ok(())
+        } else {
+            Err(ClientError::server(&r.status))
+        }
+    }
+
     /// Every topic.
     pub async fn list_topics(&self) -> Result<Vec<TopicListing>, ClientError> {
         let r: ListTopicsResponse = self.request(&ListTopicsRequest, 0).await?;

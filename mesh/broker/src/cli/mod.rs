@@ -3,6 +3,7 @@
 
 mod client_cmds;
 pub mod perf;
+mod plugin_cmds;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -33,6 +34,9 @@ enum Command {
     Produce(client_cmds::ProduceArgs),
     /// Print records of a topic.
     Consume(client_cmds::ConsumeArgs),
+    /// Deploy, list, describe and remove Wasm plugins.
+    #[command(subcommand)]
+    Plugin(plugin_cmds::PluginCommand),
     /// Load generator: throughput and latency next to the raw QUIC ceiling.
     #[command(subcommand)]
     Perf(perf::PerfCommand),
@@ -134,6 +138,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Topic(cmd) => client_cmds::topic(cmd).await,
         Command::Produce(args) => client_cmds::produce(args).await,
         Command::Consume(args) => client_cmds::consume(args).await,
+        Command::Plugin(cmd) => plugin_cmds::plugin(cmd).await,
         Command::Perf(cmd) => perf::run(cmd).await,
     }
 }
