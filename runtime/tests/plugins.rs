@@ -341,3 +341,26 @@ fn dedupe_drops_keys_seen_within_the_window_across_instances() {
         [true, true, false]
     );
 }
+
+#[test]
+fn the_plugin_template_builds_and_filters() {
+    let f = guests::TEMPLATE;
+    let logs = [
+        r#"{"level":"debug","msg":"a"}"#,
+        r#"{"level":"warn","msg":"b"}"#,
+        r#"{"msg":"no level"}"#,
+        r#"{"level":"error","msg":"c"}"#,
+    ];
+    assert_eq!(keep(f, &[], &logs), [false, true, false, true]);
+    assert_eq!(
+        keep(f, &[("min-level", "debug")], &logs),
+        [true, true, false, true]
+    );
+    assert!(matches!(
+        instance(f, &[("min-level", "loud")]),
+        Err(PluginError::InitFailed(_))
+    ));
+    let mut i = instance(f, &[]).unwrap();
+    let out = i.filter(&json_batch(&["nope"])).unwrap();
+    assert_eq!(out.failures.len(), 1);
+}

@@ -22,6 +22,7 @@ const GUESTS: &[(&str, &str)] = &[
     ("SAMPLE", "quiver-plugin-sample"),
     ("ROUTE", "quiver-plugin-route"),
     ("DEDUPE", "quiver-plugin-dedupe"),
+    ("TEMPLATE", "quiver-plugin-template"),
 ];
 
 fn main() {

@@ -20,5 +20,6 @@ pub fn all() -> Vec<(&'static str, &'static str)> {
         ("SAMPLE", SAMPLE),
         ("ROUTE", ROUTE),
         ("DEDUPE", DEDUPE),
+        ("TEMPLATE", TEMPLATE),
     ]
 }
