@@ -18,6 +18,37 @@ pub struct PluginRecord {
     pub headers: Vec<(String, Option<Vec<u8>>)>,
 }
 
+/// One record of a [`ColumnarBatch`], borrowed.
+#[derive(Clone, Debug)]
+pub struct RecordView<'a> {
+    /// Offset in its partition.
+    pub offset: u64,
+    /// Timestamp, ms.
+    pub timestamp: i64,
+    /// Key.
+    pub key: Option<&'a [u8]>,
+    /// Value.
+    pub value: Option<&'a [u8]>,
+    batch: &'a Batch,
+    headers: std::ops::Range<usize>,
+}
+
+impl<'a> RecordView<'a> {
+    /// The headers in order. Names are UTF-8 (checked when a guest's output is accepted).
+    pub fn headers(&self) -> impl Iterator<Item = (&'a str, Option<&'a [u8]>)> + 'a {
+        let b = self.batch;
+        self.headers.clone().map(move |h| {
+            let name = &b.header_names
+                [b.header_name_offsets[h] as usize..b.header_name_offsets[h + 1] as usize];
+            let value = bit(&b.header_value_present, h).then(|| {
+                &b.header_values
+                    [b.header_value_offsets[h] as usize..b.header_value_offsets[h + 1] as usize]
+            });
+            (std::str::from_utf8(name).unwrap_or(""), value)
+        })
+    }
+}
+
 /// A batch in the contract's columnar layout, built record by record without a per-record
 /// allocation. Crossing into a guest copies each column once.
 #[derive(Clone, Debug)]
@@ -165,6 +196,20 @@ impl ColumnarBatch {
             key: bit(&b.key_present, i).then(|| slice(&b.keys, &b.key_offsets, i)),
             value: bit(&b.value_present, i).then(|| slice(&b.values, &b.value_offsets, i)),
             headers,
+        }
+    }
+
+    /// Record `i`, borrowed from the batch's columns. Panics if `i` is out of range.
+    pub fn view(&self, i: usize) -> RecordView<'_> {
+        let b = &self.inner;
+        let range = |offsets: &[u32], i: usize| offsets[i] as usize..offsets[i + 1] as usize;
+        RecordView {
+            offset: b.offsets[i],
+            timestamp: b.timestamps[i],
+            key: bit(&b.key_present, i).then(|| &b.keys[range(&b.key_offsets, i)]),
+            value: bit(&b.value_present, i).then(|| &b.values[range(&b.value_offsets, i)]),
+            batch: b,
+            headers: b.header_offsets[i] as usize..b.header_offsets[i + 1] as usize,
         }
     }
 

@@ -33,7 +33,7 @@ use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config as EngineConfig, Engine, InstanceAllocationStrategy, Store, Trap};
 
 pub use cache::{CacheOutcome, sha256_hex};
-pub use columnar::{ColumnarBatch, PluginRecord};
+pub use columnar::{ColumnarBatch, PluginRecord, RecordView};
 pub use host::{LogLevel, LogLine, LogSource, MemoryState, MetricValue, StateStore};
 
 use bindings::filter::{Filter as FilterWorld, FilterPre};
@@ -918,33 +918,55 @@ fn check_transform(
     })
 }
 
-/// Filters run in order over each batch: a record goes on only if every step keeps it.
+/// Plugins run in order over each batch: filters drop records, transforms replace them with
+/// their outputs; each step sees what the step before it passed on.
+///
+/// Filters never re-encode: a filter that keeps everything passes the same batch on, and
+/// what filters keep is selected from the input only when a later step needs it.
 #[derive(Debug)]
 pub struct Chain {
     steps: Vec<Instance>,
 }
 
 /// What a chain did with a batch.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct ChainOutcome {
-    /// Indexes (into the input) of the records every step kept, in order.
+    /// For each output record, the index of the input record it came from (non-decreasing).
     pub kept: Vec<usize>,
-    /// Records a step could not judge: (input index, step, reason).
+    /// The output records when a transform made them; `None` when every step was a filter,
+    /// so the output is the input records at `kept`.
+    pub output: Option<ColumnarBatch>,
+    /// Output topic of each output record when a transform named one; empty when none did.
+    pub topics: Vec<Option<String>>,
+    /// Records a step could not handle: (input index, step, reason).
     pub failures: Vec<(usize, usize, String)>,
 }
 
+impl ChainOutcome {
+    /// Output record `j` (from `input`, the batch the chain ran over).
+    pub fn record(&self, input: &ColumnarBatch, j: usize) -> PluginRecord {
+        match &self.output {
+            Some(o) => o.record(j),
+            None => input.record(self.kept[j]),
+        }
+    }
+
+    /// Output record `j`, borrowed from the output or from `input`.
+    pub fn view<'a>(&'a self, input: &'a ColumnarBatch, j: usize) -> RecordView<'a> {
+        match &self.output {
+            Some(o) => o.view(j),
+            None => input.view(self.kept[j]),
+        }
+    }
+}
+
 impl Chain {
-    /// A chain of filter instances.
+    /// A chain of instances (filters and transforms, in order).
     pub fn new(steps: Vec<Instance>) -> Result<Self, PluginError> {
-        if let Some(s) = steps
-            .iter()
-            .find(|s| s.plugin().kind() != PluginKind::Filter)
-        {
-            return Err(PluginError::Invalid(format!(
-                "a chain holds filters only; {} is a {}",
-                s.plugin().sha256(),
-                s.plugin().kind()
-            )));
+        if steps.is_empty() {
+            return Err(PluginError::Invalid(
+                "a chain needs at least one step".into(),
+            ));
         }
         Ok(Self { steps })
     }
@@ -954,30 +976,98 @@ impl Chain {
         &self.steps
     }
 
-    /// Runs `batch` through every step. A step sees only what the steps before it kept; when
-    /// a step keeps everything the same batch goes on to the next one untouched.
+    /// Replaces step `i` by an instance of `plugin` with `config`, at a batch boundary: the
+    /// new instance takes over the old one's keyed state. If the new version cannot start,
+    /// the old version is started again with the state and the error is returned; if even
+    /// that fails, the chain is left without the step and must not be used (`Err` with
+    /// `broken = true`).
+    pub fn replace_step(
+        &mut self,
+        i: usize,
+        plugin: &Plugin,
+        config: Vec<(String, String)>,
+    ) -> Result<(), (PluginError, bool)> {
+        let old = self.steps.remove(i);
+        let old_plugin = old.plugin.clone();
+        let old_config = old.config.clone();
+        let state = old.into_state();
+        match plugin.instantiate(config, state) {
+            Ok(new) => {
+                self.steps.insert(i, new);
+                Ok(())
+            }
+            Err(Refused { error, state }) => match old_plugin.instantiate(old_config, state) {
+                Ok(back) => {
+                    self.steps.insert(i, back);
+                    Err((error, false))
+                }
+                Err(_) => Err((error, true)),
+            },
+        }
+    }
+
+    /// Runs `batch` through every step. A step sees only what the steps before it passed on;
+    /// when a filter keeps everything the same batch goes on to the next step untouched.
+    /// An error names the step that failed.
     pub fn run(&mut self, batch: &ColumnarBatch) -> Result<ChainOutcome, (usize, PluginError)> {
         let mut current: Option<ColumnarBatch> = None;
+        let mut made_by_transform = false;
         let mut index: Vec<usize> = (0..batch.len()).collect();
+        let mut topics: Vec<Option<String>> = Vec::new();
         let mut failures = Vec::new();
         for (step, instance) in self.steps.iter_mut().enumerate() {
             if index.is_empty() {
                 break;
             }
             let input = current.as_ref().unwrap_or(batch);
-            let outcome = instance.filter(input).map_err(|e| (step, e))?;
-            for (i, reason) in &outcome.failures {
-                failures.push((index[*i as usize], step, reason.clone()));
+            match instance.plugin.kind() {
+                PluginKind::Filter => {
+                    let outcome = instance.filter(input).map_err(|e| (step, e))?;
+                    for (i, reason) in &outcome.failures {
+                        failures.push((index[*i as usize], step, reason.clone()));
+                    }
+                    if outcome.keep.iter().all(|k| *k) {
+                        continue;
+                    }
+                    let kept: Vec<usize> = outcome.kept().collect();
+                    current = Some(input.select(kept.iter().copied()));
+                    if !topics.is_empty() {
+                        topics = kept.iter().map(|i| topics[*i].clone()).collect();
+                    }
+                    index = kept.iter().map(|i| index[*i]).collect();
+                }
+                PluginKind::Transform => {
+                    let outcome = instance.transform(input).map_err(|e| (step, e))?;
+                    for (i, reason) in &outcome.failures {
+                        failures.push((index[*i as usize], step, reason.clone()));
+                    }
+                    index = outcome.sources.iter().map(|s| index[*s as usize]).collect();
+                    // A later transform's topic wins; otherwise an earlier one's carries on.
+                    let earlier = std::mem::take(&mut topics);
+                    topics = outcome
+                        .topics
+                        .into_iter()
+                        .zip(&outcome.sources)
+                        .map(|(t, s)| t.or_else(|| earlier.get(*s as usize).cloned().flatten()))
+                        .collect();
+                    // Outputs carry their source record's offset and a later step sees it.
+                    let mut records = outcome.records;
+                    for (o, src) in records.inner.offsets.iter_mut().zip(&outcome.sources) {
+                        *o = input.inner.offsets[*src as usize];
+                    }
+                    current = Some(records);
+                    made_by_transform = true;
+                }
             }
-            if outcome.keep.iter().all(|k| *k) {
-                continue;
-            }
-            let kept: Vec<usize> = outcome.kept().collect();
-            current = Some(input.select(kept.iter().copied()));
-            index = kept.iter().map(|i| index[*i]).collect();
+        }
+        failures.sort_by_key(|f| f.0);
+        if topics.iter().all(Option::is_none) {
+            topics.clear();
         }
         Ok(ChainOutcome {
             kept: index,
+            output: if made_by_transform { current } else { None },
+            topics,
             failures,
         })
     }

@@ -412,8 +412,70 @@ fn a_chain_runs_filters_in_order_on_what_each_kept() {
         vec![0, 1, 2]
     );
 
+    assert!(Chain::new(vec![]).is_err());
+}
+
+#[test]
+fn a_chain_mixes_filters_and_transforms_and_maps_outputs_to_their_sources() {
+    let rt = runtime();
+    let reference = rt.load(&wasm(guests::REFERENCE)).unwrap();
     let split = rt.load(&wasm(guests::SPLIT)).unwrap();
-    assert!(Chain::new(vec![split.instantiate(vec![], state()).unwrap()]).is_err());
+    let filter = |needle: &str| {
+        reference
+            .instantiate(params(&[("needle", needle)]), state())
+            .unwrap()
+    };
+    // Keep values with "a", split them at commas, keep the parts with "a".
+    let mut chain = Chain::new(vec![
+        filter("a"),
+        split.instantiate(vec![], state()).unwrap(),
+        filter("a"),
+    ])
+    .unwrap();
+    let input = batch(&["x,y", "a,b,ab", "FAIL", "ca"]);
+    let out = chain.run(&input).unwrap();
+    // "x,y" is dropped by the first filter, "FAIL" fails in it; "a,b,ab" gives a, b, ab of
+    // which b is dropped; "ca" gives ca.
+    assert_eq!(out.kept, vec![1, 1, 3]);
+    let values: Vec<Vec<u8>> = (0..out.kept.len())
+        .map(|j| out.record(&input, j).value.unwrap())
+        .collect();
+    assert_eq!(values, vec![b"a".to_vec(), b"ab".to_vec(), b"ca".to_vec()]);
+    assert!(out.output.is_some());
+    assert!(out.topics.is_empty());
+    assert_eq!(out.failures.len(), 1);
+    assert_eq!((out.failures[0].0, out.failures[0].1), (2, 0));
+    // Split's outputs carry the source's offset.
+    assert_eq!(out.record(&input, 0).offset, 101);
+
+    // Filters only: no output batch, the kept records are the input's.
+    let mut filters = Chain::new(vec![filter("a")]).unwrap();
+    let out = filters.run(&input).unwrap();
+    assert!(out.output.is_none());
+    assert_eq!(out.kept, vec![1, 3]);
+    assert_eq!(out.record(&input, 1).value.unwrap(), b"ca".to_vec());
+}
+
+#[test]
+fn a_chain_step_is_replaced_at_a_batch_boundary_keeping_state() {
+    let rt = runtime();
+    let reference = rt.load(&wasm(guests::REFERENCE)).unwrap();
+    let mut chain = Chain::new(vec![
+        reference
+            .instantiate(params(&[("needle", "a")]), state())
+            .unwrap(),
+    ])
+    .unwrap();
+    assert_eq!(chain.run(&batch(&["a", "b"])).unwrap().kept, vec![0]);
+    // A configuration init refuses: the old step is started again and keeps working.
+    let (e, broken) = chain.replace_step(0, &reference, params(&[])).unwrap_err();
+    assert!(!broken);
+    assert!(matches!(e, PluginError::InitFailed(_)), "{e:?}");
+    assert_eq!(chain.run(&batch(&["a", "b"])).unwrap().kept, vec![0]);
+    chain
+        .replace_step(0, &reference, params(&[("needle", "b")]))
+        .unwrap();
+    assert_eq!(chain.run(&batch(&["a", "b"])).unwrap().kept, vec![1]);
 }
 
 #[test]

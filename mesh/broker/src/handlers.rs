@@ -27,6 +27,8 @@ pub struct HandlerLimits {
     pub fetch_bytes_max: u32,
 }
 
+use crate::chains::{ConnectionChains, RunningChain, filter_stored};
+
 fn status_of(e: &PartitionError) -> Status {
     Status::err(e.code, e.message.clone())
 }
@@ -390,6 +392,7 @@ pub async fn fetch(
                 status: Status::ok(),
                 high_watermark: 0,
                 log_start_offset: 0,
+                next_offset: p.offset,
                 records: bytes::Bytes::new(),
             };
             if !seen.insert((t.name.clone(), p.partition)) {
@@ -508,6 +511,7 @@ async fn read_slots(slots: &[FetchSlot], max_bytes: usize) -> Vec<(usize, FetchP
                     status: Status::ok(),
                     high_watermark,
                     log_start_offset,
+                    next_offset: offset,
                     records: bytes::Bytes::new(),
                 };
                 // Once the budget is spent the remaining partitions answer empty. Only while
@@ -519,6 +523,9 @@ async fn read_slots(slots: &[FetchSlot], max_bytes: usize) -> Vec<(usize, FetchP
                         Ok(bytes) => {
                             served |= !bytes.is_empty();
                             budget = budget.saturating_sub(bytes.len());
+                            if let Some(next) = quiver_proto::batch::next_offset_after(&bytes) {
+                                resp.next_offset = next.max(offset);
+                            }
                             resp.records = bytes;
                         }
                         Err(e) => resp.status = status_of(&e),
@@ -542,6 +549,7 @@ async fn read_slots(slots: &[FetchSlot], max_bytes: usize) -> Vec<(usize, FetchP
                         status: Status::err(ErrorCode::Unknown, e.to_string()),
                         high_watermark: 0,
                         log_start_offset: 0,
+                        next_offset: s.offset,
                         records: bytes::Bytes::new(),
                     },
                 )
@@ -600,4 +608,77 @@ pub async fn list_offsets(broker: &Arc<Broker>, req: ListOffsetsRequest) -> List
     tokio::task::spawn_blocking(lookup)
         .await
         .unwrap_or_default()
+}
+
+/// Checks that every step of a fetch chain names a deployed plugin (before the long poll, so
+/// a typo fails at once).
+pub async fn check_chain(
+    broker: &Arc<Broker>,
+    chain: &[ChainStep],
+) -> Result<(), (ErrorCode, String)> {
+    let (broker, chain) = (broker.clone(), chain.to_vec());
+    tokio::task::spawn_blocking(move || {
+        for step in &chain {
+            crate::plugins::check_name(&step.plugin).map_err(|m| (ErrorCode::InvalidRequest, m))?;
+            if !step.version.is_empty() {
+                crate::plugins::check_version(&step.version)
+                    .map_err(|m| (ErrorCode::InvalidRequest, m))?;
+            }
+            broker.plugins().resolve(step)?;
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| (ErrorCode::Unknown, e.to_string()))?
+}
+
+/// Runs a fetch's chain over every partition's records (consumer-side filtering), one
+/// partition at a time on a blocking thread, with the connection's instances for that
+/// partition. A partition whose chain fails answers `plugin_failed` with no records and its
+/// position unchanged, so the consumer retries the same records (the failed instance is
+/// rebuilt first); the other partitions are not affected.
+pub async fn apply_chain(
+    broker: &Arc<Broker>,
+    chains: &ConnectionChains,
+    chain: &[ChainStep],
+    from: &[Vec<u64>],
+    response: &mut FetchResponse,
+) {
+    for (ti, t) in response.topics.iter_mut().enumerate() {
+        for (pi, p) in t.partitions.iter_mut().enumerate() {
+            if !p.status.is_ok() || p.records.is_empty() {
+                continue;
+            }
+            let offset = from[ti][pi];
+            let slot = match chains.slot(chain, &t.name, p.partition) {
+                Ok(s) => s,
+                Err((code, message)) => {
+                    p.status = Status::err(code, message);
+                    p.records = Bytes::new();
+                    p.next_offset = offset;
+                    continue;
+                }
+            };
+            let mut guard = slot.lock_owned().await;
+            let (b, spec, records) = (broker.clone(), chain.to_vec(), p.records.clone());
+            let result = tokio::task::spawn_blocking(move || {
+                let registry = b.plugins();
+                if guard.is_none() {
+                    *guard = Some(RunningChain::start(registry, &spec)?);
+                }
+                let running = guard.as_mut().expect("started above");
+                filter_stored(running, registry, &records, offset)
+            })
+            .await
+            .unwrap_or_else(|e| Err((ErrorCode::Unknown, e.to_string())));
+            match result {
+                Ok(records) => p.records = records,
+                Err((code, message)) => {
+                    p.status = Status::err(code, message);
+                    p.records = Bytes::new();
+                    p.next_offset = offset;
+                }
+            }
+        }
+    }
 }

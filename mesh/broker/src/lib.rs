@@ -5,12 +5,15 @@
 //! - [`broker`] holds the topic table; [`partition`] owns one log, its group-commit appender
 //!   and its high watermark.
 //! - [`order`] keeps a connection's pipelined produce requests in the producer's order.
+//! - [`plugins`] is the registry of deployed Wasm components; [`chains`] runs plugin chains
+//!   over stored batches (consumer-side filtering).
 //! - [`catalog`] persists topics in `sled`; [`topic_config`] validates topic settings.
 //! - [`cli`] is the command line (server, client commands, perf tool).
 #![forbid(unsafe_code)]
 
 pub mod broker;
 pub mod catalog;
+pub mod chains;
 pub mod cli;
 pub mod config;
 pub mod handlers;

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::broker::Broker;
+use crate::chains::ConnectionChains;
 use crate::config::BrokerConfig;
 use crate::handlers::{self, HandlerLimits};
 use crate::order::{ProduceOrder, Turn};
@@ -32,6 +33,9 @@ pub const CLOSE_SHUTDOWN: u32 = 1;
 pub const STREAM_REFUSED: u32 = 2;
 /// Largest chunk written per call by the transport probe.
 const PROBE_CHUNK_BYTES: usize = 256 << 10;
+
+/// Consumer-side chains one connection may run at once (one per chain and partition).
+const FETCH_CHAINS_PER_CONNECTION_MAX: usize = 64;
 
 struct Shared {
     broker: Arc<Broker>,
@@ -197,6 +201,7 @@ async fn accept_loop(shared: Arc<Shared>, server: Arc<Server>) {
 async fn serve_connection(shared: Arc<Shared>, conn: Connection) {
     tracing::debug!(remote = %conn.remote_addr(), "connection");
     let order = ProduceOrder::new(shared.request_read);
+    let chains = Arc::new(ConnectionChains::new(FETCH_CHAINS_PER_CONNECTION_MAX));
     loop {
         let (send, recv) = match conn.accept_bi().await {
             Ok(Some(s)) => s,
@@ -209,9 +214,13 @@ async fn serve_connection(shared: Arc<Shared>, conn: Connection) {
         let shared2 = shared.clone();
         // Requests of a closing node still get an answer (`shutting_down`), so the tracker
         // spawns even after close(); wait() covers them.
-        shared
-            .requests
-            .spawn(serve_stream(shared2, order.clone(), send, recv));
+        shared.requests.spawn(serve_stream(
+            shared2,
+            order.clone(),
+            chains.clone(),
+            send,
+            recv,
+        ));
     }
 }
 
@@ -254,6 +263,7 @@ async fn read_bounded<T>(
 async fn serve_stream(
     shared: Arc<Shared>,
     order: Arc<ProduceOrder>,
+    chains: Arc<ConnectionChains>,
     mut send: SendStream,
     mut recv: RecvStream,
 ) {
@@ -400,7 +410,16 @@ async fn serve_stream(
         Some((fixed, turn)) => Body::Produce { fixed, rest, turn },
         None => Body::Whole(rest),
     };
-    let outcome = dispatch(&shared, api, body, &mut recv, &mut send).await;
+    let outcome = dispatch(
+        &shared,
+        api,
+        header.version,
+        &chains,
+        body,
+        &mut recv,
+        &mut send,
+    )
+    .await;
     // The request's bytes are released once handled; the response holds its own.
     drop(permit);
     match outcome {
@@ -463,6 +482,8 @@ enum Body {
 async fn dispatch(
     shared: &Shared,
     api: ApiKey,
+    version: u16,
+    chains: &ConnectionChains,
     body: Body,
     recv: &mut RecvStream,
     send: &mut SendStream,
@@ -504,16 +525,33 @@ async fn dispatch(
             .await
             .map(|r| r.encode_chunks().into()),
         ApiKey::Fetch => {
-            let req: FetchRequest = decode(body)?;
+            let mut req = FetchRequest::from_bytes_version(body, version).map_err(|e| {
+                (
+                    ErrorCode::InvalidRequest,
+                    format!("malformed Fetch request: {e}"),
+                )
+            })?;
+            let chain = std::mem::take(&mut req.chain);
+            if !chain.is_empty() {
+                handlers::check_chain(broker, &chain).await?;
+            }
+            let from: Vec<Vec<u64>> = req
+                .topics
+                .iter()
+                .map(|t| t.partitions.iter().map(|p| p.offset).collect())
+                .collect();
             let budget = handlers::FetchBudget {
                 bytes: &shared.fetch_bytes,
                 wait: shared.request_read,
             };
-            let (resp, permit) =
+            let (mut resp, permit) =
                 handlers::fetch(broker, &shared.limits, req, &shared.shutdown, budget).await?;
+            if !chain.is_empty() {
+                handlers::apply_chain(broker, chains, &chain, &from, &mut resp).await;
+            }
             // The permit travels with the response: its bytes count until they are sent.
             return Ok(Some(Response {
-                chunks: resp.encode_chunks(),
+                chunks: resp.encode_chunks_version(version),
                 _hold: Some(permit),
             }));
         }

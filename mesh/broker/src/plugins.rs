@@ -8,12 +8,15 @@
 //! compiled and checked against the WIT worlds by the runtime before it is accepted;
 //! precompiled artifacts are cached in `DATA_DIR/plugins/cache`.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use quiver_proto::ErrorCode;
-use quiver_proto::messages::PluginInfo;
-use quiver_runtime::{Runtime, RuntimeConfig, sha256_hex};
+use quiver_proto::messages::{ChainStep, PluginInfo};
+use quiver_runtime::{InstanceStats, Plugin, Runtime, RuntimeConfig, sha256_hex};
 
 use crate::catalog::Catalog;
 
@@ -37,6 +40,87 @@ pub struct Registry {
     runtime: Runtime,
     /// Serialises deploys and removes so an entry and its file change together.
     admin: tokio::sync::Mutex<()>,
+    /// Compiled components by sha256.
+    loaded: Mutex<HashMap<String, Plugin>>,
+    /// Running instances per `name@version` (fetch chains, policies, pipelines).
+    attached: Arc<Mutex<HashMap<String, usize>>>,
+    /// What every version did since the node started, by `name@version`.
+    counters: Mutex<HashMap<String, Arc<Counters>>>,
+}
+
+/// Work done by one plugin version, summed over its instances.
+#[derive(Debug, Default)]
+pub struct Counters {
+    batches: AtomicU64,
+    records_in: AtomicU64,
+    records_out: AtomicU64,
+    records_dropped: AtomicU64,
+    records_failed: AtomicU64,
+    errors: AtomicU64,
+    guest_us: AtomicU64,
+}
+
+impl Counters {
+    /// Adds what an instance did between two snapshots of its stats.
+    pub fn add(&self, before: &InstanceStats, after: &InstanceStats) {
+        let add = |c: &AtomicU64, a: u64, b: u64| {
+            c.fetch_add(b.saturating_sub(a), Ordering::Relaxed);
+        };
+        add(&self.batches, before.batches, after.batches);
+        add(&self.records_in, before.records_in, after.records_in);
+        add(&self.records_out, before.records_out, after.records_out);
+        add(
+            &self.records_dropped,
+            before.records_dropped,
+            after.records_dropped,
+        );
+        add(
+            &self.records_failed,
+            before.records_failed,
+            after.records_failed,
+        );
+        add(&self.errors, before.errors, after.errors);
+        add(&self.guest_us, before.guest_us, after.guest_us);
+    }
+
+    fn fill(&self, info: &mut PluginInfo) {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        info.batches = get(&self.batches);
+        info.records_in = get(&self.records_in);
+        info.records_out = get(&self.records_out);
+        info.records_dropped = get(&self.records_dropped);
+        info.records_failed = get(&self.records_failed);
+        info.errors = get(&self.errors);
+        info.guest_us = get(&self.guest_us);
+    }
+}
+
+/// A deployed version resolved for running.
+#[derive(Clone, Debug)]
+pub struct Resolved {
+    /// `name@version`.
+    pub key: String,
+    /// The compiled component.
+    pub plugin: Plugin,
+}
+
+/// Holds `name@version` attached while alive: it cannot be removed meanwhile.
+#[derive(Debug)]
+pub struct Attached {
+    key: String,
+    map: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.key);
+            }
+        }
+    }
 }
 
 fn storage(e: impl std::fmt::Display) -> RegistryError {
@@ -88,7 +172,84 @@ impl Registry {
             tree: catalog.tree("plugins")?,
             runtime,
             admin: tokio::sync::Mutex::new(()),
+            loaded: Mutex::new(HashMap::new()),
+            attached: Arc::new(Mutex::new(HashMap::new())),
+            counters: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Finds the version a chain step names (the highest deployed when it names none) and
+    /// its compiled component. Blocking: the first use of a component loads it from disk.
+    pub fn resolve(&self, step: &ChainStep) -> Result<Resolved, RegistryError> {
+        let version = if step.version.is_empty() {
+            match self.list(&step.plugin)?.pop() {
+                Some(p) => p.version,
+                None => {
+                    return Err((
+                        ErrorCode::PluginNotFound,
+                        format!("no plugin {} is deployed", step.plugin),
+                    ));
+                }
+            }
+        } else {
+            step.version.clone()
+        };
+        let key = format!("{}@{version}", step.plugin);
+        let Some(entry) = self.entry(&key)? else {
+            return Err((ErrorCode::PluginNotFound, format!("no plugin {key}")));
+        };
+        if let Some(p) = self.lock_loaded().get(&entry.sha256) {
+            return Ok(Resolved {
+                key,
+                plugin: p.clone(),
+            });
+        }
+        let wasm = std::fs::read(self.component_path(&entry.sha256)).map_err(storage)?;
+        let plugin = self
+            .runtime
+            .load(&wasm)
+            .map_err(|e| (ErrorCode::InvalidPlugin, format!("{key}: {e}")))?;
+        self.lock_loaded()
+            .insert(entry.sha256.clone(), plugin.clone());
+        Ok(Resolved { key, plugin })
+    }
+
+    fn lock_loaded(&self) -> std::sync::MutexGuard<'_, HashMap<String, Plugin>> {
+        self.loaded.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Marks `key` (`name@version`) in use until the guard drops.
+    pub fn attach(&self, key: &str) -> Attached {
+        *self
+            .attached
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key.to_string())
+            .or_default() += 1;
+        Attached {
+            key: key.to_string(),
+            map: self.attached.clone(),
+        }
+    }
+
+    /// Running instances of `key`.
+    pub fn attached_count(&self, key: &str) -> usize {
+        self.attached
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// The counters of `key`, created on first use.
+    pub fn counters(&self, key: &str) -> Arc<Counters> {
+        self.counters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key.to_string())
+            .or_default()
+            .clone()
     }
 
     /// The runtime plugins run in.
@@ -100,15 +261,27 @@ impl Registry {
         self.dir.join(format!("{sha256}.wasm"))
     }
 
-    fn info(name: &str, version: &str, e: &Entry) -> PluginInfo {
-        PluginInfo {
+    fn info(&self, name: &str, version: &str, e: &Entry) -> PluginInfo {
+        let key = format!("{name}@{version}");
+        let mut info = PluginInfo {
             name: name.to_string(),
             version: version.to_string(),
             kind: e.kind.clone(),
             sha256: e.sha256.clone(),
             bytes: e.bytes,
             deployed_ms: e.deployed_ms,
+            attached: self.attached_count(&key) as u32,
+            ..PluginInfo::default()
+        };
+        if let Some(c) = self
+            .counters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+        {
+            c.fill(&mut info);
         }
+        info
     }
 
     fn entry(&self, key: &str) -> Result<Option<Entry>, RegistryError> {
@@ -136,7 +309,7 @@ impl Registry {
         let sha256 = sha256_hex(&component);
         if let Some(existing) = self.entry(&key)? {
             if existing.sha256 == sha256 {
-                return Ok((false, Self::info(name, version, &existing)));
+                return Ok((false, self.info(name, version, &existing)));
             }
             return Err((
                 ErrorCode::PluginExists,
@@ -170,7 +343,7 @@ impl Registry {
         self.tree.insert(key.as_bytes(), value).map_err(storage)?;
         self.catalog.flush().map_err(storage)?;
         tracing::info!(plugin = %key, kind = %entry.kind, sha256 = %entry.sha256, "plugin deployed");
-        Ok((true, Self::info(name, version, &entry)))
+        Ok((true, self.info(name, version, &entry)))
     }
 
     /// Every version of `name` (every plugin when empty), by name then semantic version.
@@ -189,7 +362,7 @@ impl Registry {
             };
             let e: Entry = serde_json::from_slice(&v)
                 .map_err(|e| storage(format!("registry entry {key}: {e}")))?;
-            out.push(Self::info(n, ver, &e));
+            out.push(self.info(n, ver, &e));
         }
         out.sort_by(|a, b| {
             a.name.cmp(&b.name).then_with(|| {
@@ -212,6 +385,13 @@ impl Registry {
         let Some(entry) = self.entry(&key)? else {
             return Err((ErrorCode::PluginNotFound, format!("no plugin {key}")));
         };
+        let running = self.attached_count(&key);
+        if running > 0 {
+            return Err((
+                ErrorCode::PluginInUse,
+                format!("{key} is attached ({running} running instances); detach it first"),
+            ));
+        }
         self.tree.remove(key.as_bytes()).map_err(storage)?;
         self.catalog.flush().map_err(storage)?;
         let still_used = self.list("")?.iter().any(|p| p.sha256 == entry.sha256);

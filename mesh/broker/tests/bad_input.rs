@@ -84,6 +84,7 @@ async fn frames_that_break_the_rules_get_error_answers() -> Result<()> {
         let raw = t.raw().await?;
         framing_errors(&raw.conn).await?;
         api_and_version_errors(&raw.conn).await?;
+        fetch_version_1(&raw.conn).await?;
         garbage_bodies(&raw.conn).await?;
         random_garbage(&raw.conn, seed(), 96).await?;
         // The connection that carried all of that still serves a valid request.
@@ -308,6 +309,50 @@ async fn api_and_version_errors(conn: &Connection) -> Result<()> {
             "api {api} version {version}: api and request id not echoed: {reply:?}"
         );
     }
+    Ok(())
+}
+
+/// A version 1 fetch (no chain) is still served, and answered in the version 1 layout (no
+/// `next_offset`); a version 2 body sent as version 1 has trailing bytes and is refused.
+async fn fetch_version_1(conn: &Connection) -> Result<()> {
+    let v2 = FetchRequest {
+        max_wait_ms: 0,
+        min_bytes: 0,
+        max_bytes: 1 << 20,
+        topics: vec![FetchTopic {
+            name: "no-such-topic".into(),
+            partitions: vec![FetchPartition {
+                partition: 0,
+                offset: 0,
+                partition_max_bytes: 1 << 20,
+            }],
+        }],
+        chain: vec![],
+    }
+    .to_bytes();
+    let v1 = &v2[..v2.len() - 4];
+    let fetch = ApiKey::Fetch.code();
+    match check(conn, &frame(fetch, 1, 41, v1), Expect::Answered).await? {
+        Reply::Success { body, .. } => {
+            let resp =
+                FetchResponse::from_bytes_version(body.clone(), 1).context("a version 1 answer")?;
+            ensure!(
+                resp.topics[0].partitions[0].status.code == ErrorCode::UnknownTopicOrPartition,
+                "{resp:?}"
+            );
+            ensure!(
+                FetchResponse::from_bytes(body).is_err(),
+                "the answer has no next_offset"
+            );
+        }
+        other => bail!("version 1 fetch got {other:?}"),
+    }
+    check(
+        conn,
+        &frame(fetch, 1, 42, &v2),
+        Expect::Error(ErrorCode::InvalidRequest),
+    )
+    .await?;
     Ok(())
 }
 
@@ -845,7 +890,7 @@ async fn read_reply(recv: &mut RecvStream) -> Result<Reply> {
 /// Sends a valid request over a raw stream and decodes its successful response.
 async fn request<Req: Message, Resp: Message>(conn: &Connection, req: &Req) -> Result<Resp> {
     let id = 0x5eed_0000_0000_0007;
-    let input = frame(Req::API.code(), 1, id, &req.to_bytes());
+    let input = frame(Req::API.code(), Req::VERSION, id, &req.to_bytes());
     match check(conn, &input, Expect::Answered).await? {
         Reply::Success {
             api,
@@ -911,6 +956,7 @@ async fn fetch_status(
                 partition_max_bytes: 1 << 20,
             }],
         }],
+        chain: vec![],
     };
     let resp: FetchResponse = request(conn, &req).await?;
     let p = single(resp.topics.into_iter().flat_map(|t| t.partitions))?;
@@ -1049,14 +1095,14 @@ fn verdict(input: &[u8]) -> Expect {
     if version == 0 || version > key.version_max() {
         return Expect::Error(UnsupportedVersion);
     }
-    if body_decodes(key, Bytes::copy_from_slice(&input[16..4 + length])) {
+    if body_decodes(key, version, Bytes::copy_from_slice(&input[16..4 + length])) {
         Expect::Answered
     } else {
         Expect::Error(InvalidRequest)
     }
 }
 
-fn body_decodes(api: ApiKey, body: Bytes) -> bool {
+fn body_decodes(api: ApiKey, version: u16, body: Bytes) -> bool {
     match api {
         ApiKey::ApiVersions => ApiVersionsRequest::from_bytes(body).is_ok(),
         ApiKey::Metadata => MetadataRequest::from_bytes(body).is_ok(),
@@ -1065,7 +1111,7 @@ fn body_decodes(api: ApiKey, body: Bytes) -> bool {
         ApiKey::ListTopics => ListTopicsRequest::from_bytes(body).is_ok(),
         ApiKey::DescribeTopics => DescribeTopicsRequest::from_bytes(body).is_ok(),
         ApiKey::Produce => ProduceRequest::from_bytes(body).is_ok(),
-        ApiKey::Fetch => FetchRequest::from_bytes(body).is_ok(),
+        ApiKey::Fetch => FetchRequest::from_bytes_version(body, version).is_ok(),
         ApiKey::ListOffsets => ListOffsetsRequest::from_bytes(body).is_ok(),
         ApiKey::PluginDeploy => PluginDeployRequest::from_bytes(body).is_ok(),
         ApiKey::PluginList => PluginListRequest::from_bytes(body).is_ok(),

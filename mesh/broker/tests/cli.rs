@@ -697,6 +697,42 @@ fn plugin_commands_through_the_cli() {
     assert!(described.contains("plugin sample (filter)"), "{described}");
     assert!(described.contains("  1.0.0\tfilter\t"), "{described}");
 
+    // Consumer-side: the node runs the plugin and sends 1 record in 2.
+    ok(&q(&["topic", "create", "lines"]));
+    ok(&quiver(
+        &server.addr,
+        &ca,
+        &["produce", "lines"],
+        Some("a\nb\nc\nd\ne\n"),
+    ));
+    let every_other = ok(&q(&[
+        "consume",
+        "lines",
+        "--from-beginning",
+        "--plugin",
+        "sample@1.0.0",
+        "--param",
+        "rate=2",
+    ]));
+    assert_eq!(every_other, "a\nc\ne\n");
+    let described = ok(&q(&["plugin", "describe", "sample"]));
+    assert!(
+        described.contains("\t1\t5\t3\t2\t0\t0\t"),
+        "one batch of 5 records in, 3 out, 2 dropped: {described}"
+    );
+    fails_with(
+        &q(&["consume", "lines", "--from-beginning", "--plugin", "nope"]),
+        "plugin_not_found",
+    );
+    fails_with(
+        &q(&["consume", "lines", "--from-beginning", "--plugin", "sample"]),
+        "plugin_failed",
+    );
+    fails_with(
+        &q(&["consume", "lines", "--param", "rate=2"]),
+        "--param needs a --plugin",
+    );
+
     fails_with(
         &q(&[
             "plugin",

@@ -616,6 +616,7 @@ async fn fetch_budget_bounds_the_work_of_one_request() {
                 name: "budget".into(),
                 partitions: vec![part(0), part(1), part(0)],
             }],
+            chain: vec![],
         };
         let resp: FetchResponse = c.request(&req, 0).await.unwrap();
         let parts = &resp.topics[0].partitions;
@@ -734,6 +735,7 @@ async fn fetch_long_polls_until_min_bytes_or_max_wait() {
                     partition_max_bytes: 1 << 20,
                 }],
             }],
+            chain: vec![],
         };
         // Nothing to read: answered empty after max_wait_ms, status ok.
         let resp: FetchResponse = c.request(&fetch(0, 1, 200), 200).await.unwrap();
@@ -831,6 +833,7 @@ async fn idle_long_polls_do_not_hold_the_fetch_budget() {
                     partition_max_bytes: 1 << 20,
                 }],
             }],
+            chain: vec![],
         };
         let mut idle = Vec::new();
         for _ in 0..4 {

@@ -290,6 +290,22 @@ pub fn peek_batch_bytes(buf: &[u8]) -> Option<usize> {
     Some(le_u32(buf, OFF_BATCH_LENGTH) as usize + BATCH_LENGTH_PREFIX_BYTES)
 }
 
+/// The offset after the last batch in `buf` (whole batches back to back), reading only the
+/// headers (no CRC check); `None` when `buf` holds no whole batch.
+pub fn next_offset_after(buf: &[u8]) -> Option<u64> {
+    let mut rest = buf;
+    let mut next = None;
+    while let Ok(h) = BatchHeader::parse(rest) {
+        let total = h.total_bytes();
+        if total < BATCH_HEADER_BYTES || total > rest.len() {
+            break;
+        }
+        next = Some(h.next_offset());
+        rest = &rest[total..];
+    }
+    next
+}
+
 /// Writes `base_offset` into a batch in place (outside the CRC).
 pub fn set_base_offset(batch: &mut [u8], base_offset: u64) {
     batch[OFF_BASE_OFFSET..OFF_BASE_OFFSET + 8].copy_from_slice(&base_offset.to_le_bytes());
@@ -377,22 +393,53 @@ impl<'a> BatchView<'a> {
         }
     }
 
-    /// Decodes every record, checking structure, offset deltas and sizes; calls `f` per record.
+    /// Decodes every record, checking structure, offset deltas (0, 1, 2, ...: a batch as a
+    /// producer writes it and the node stores it) and sizes; calls `f` per record.
     pub fn for_each_record(
         &self,
         max_record_bytes: usize,
+        f: impl FnMut(&Record<'_>),
+    ) -> Result<(), BatchError> {
+        self.records_checked(max_record_bytes, Deltas::Contiguous, f)
+    }
+
+    /// As [`for_each_record`](Self::for_each_record), but also accepts a batch a plugin chain
+    /// re-encoded (a fetch version 2 with a chain): offset deltas never decrease and stay at
+    /// or below `last_offset_delta`, with gaps where records were dropped. Records a transform
+    /// made from one source record share its offset.
+    pub fn for_each_record_sparse(
+        &self,
+        max_record_bytes: usize,
+        f: impl FnMut(&Record<'_>),
+    ) -> Result<(), BatchError> {
+        self.records_checked(max_record_bytes, Deltas::Sparse, f)
+    }
+
+    fn records_checked(
+        &self,
+        max_record_bytes: usize,
+        deltas: Deltas,
         mut f: impl FnMut(&Record<'_>),
     ) -> Result<(), BatchError> {
         let section = self.records_section()?;
         let mut it = RecordIter::new(&section, self.header.first_timestamp);
         let mut n: u32 = 0;
+        let mut previous = 0u32;
         while let Some(rec) = it.next_record()? {
-            if rec.offset_delta != n {
+            let in_order = match deltas {
+                Deltas::Contiguous => rec.offset_delta == n,
+                Deltas::Sparse => {
+                    rec.offset_delta >= previous
+                        && rec.offset_delta <= self.header.last_offset_delta
+                }
+            };
+            if !in_order {
                 return Err(BatchError::Invalid(format!(
                     "record {n} has offset delta {}",
                     rec.offset_delta
                 )));
             }
+            previous = rec.offset_delta;
             if rec.encoded_bytes > max_record_bytes {
                 return Err(BatchError::RecordTooLarge {
                     offset_delta: n,
@@ -427,6 +474,12 @@ impl<'a> BatchView<'a> {
         self.for_each_record(usize::MAX, |r| out.push(r.to_owned(base)))?;
         Ok(out)
     }
+}
+
+#[derive(Clone, Copy)]
+enum Deltas {
+    Contiguous,
+    Sparse,
 }
 
 /// Decompresses a zstd records section: one frame, at most [`DECOMPRESSED_BYTES_MAX`] bytes.
@@ -588,6 +641,11 @@ pub struct Record<'a> {
 }
 
 impl<'a> Record<'a> {
+    /// Number of headers.
+    pub fn header_count(&self) -> usize {
+        self.header_count
+    }
+
     /// Iterates the record's headers (already validated when the record was decoded).
     pub fn headers(&self) -> impl Iterator<Item = Header<'a>> + 'a {
         let mut buf = self.headers_raw;
@@ -855,9 +913,22 @@ impl BatchBuilder {
         headers: &[(&str, Option<&[u8]>)],
         timestamp_ms: i64,
     ) {
+        self.push_at(self.count, key, value, headers, timestamp_ms);
+    }
+
+    /// Appends a record at `offset_delta` from the base offset, for re-encoding a stored batch
+    /// with only some of its records (see [`finish_sparse`](Self::finish_sparse)). Deltas must
+    /// not decrease; that is the caller's to keep.
+    pub fn push_at(
+        &mut self,
+        offset_delta: u32,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: &[(&str, Option<&[u8]>)],
+        timestamp_ms: i64,
+    ) {
         let first = *self.first_timestamp.get_or_insert(timestamp_ms);
         let ts_delta = timestamp_ms.saturating_sub(first);
-        let offset_delta = self.count;
         let body = Self::body_bytes(key, value, headers, ts_delta, offset_delta);
         let r = &mut self.records;
         r.reserve(body + 10);
@@ -888,6 +959,18 @@ impl BatchBuilder {
     /// Timestamps: `first_timestamp` is the first record's and deltas are taken against it (a
     /// later record may be older, a negative delta); `max_timestamp` is the largest.
     pub fn finish(&mut self) -> Bytes {
+        let last_offset_delta = self.count.saturating_sub(1);
+        self.finish_with(0, last_offset_delta)
+    }
+
+    /// Encodes a re-encoded stored batch: `base_offset` and `last_offset_delta` are the
+    /// original batch's, so the batch still spans the same offsets while holding only the
+    /// records pushed with [`push_at`](Self::push_at). Resets the builder.
+    pub fn finish_sparse(&mut self, base_offset: u64, last_offset_delta: u32) -> Bytes {
+        self.finish_with(base_offset, last_offset_delta)
+    }
+
+    fn finish_with(&mut self, base_offset: u64, last_offset_delta: u32) -> Bytes {
         let mut records = std::mem::replace(&mut self.records, vec![0u8; BATCH_HEADER_BYTES]);
         let compressed = match self.compression {
             Compression::None => None,
@@ -914,13 +997,13 @@ impl BatchBuilder {
         };
         let total = out.len();
         let mut h = &mut out[..BATCH_HEADER_BYTES];
-        h.put_u64_le(0);
+        h.put_u64_le(base_offset);
         h.put_u32_le((total - BATCH_LENGTH_PREFIX_BYTES) as u32);
         h.put_u32_le(0);
         h.put_u8(MAGIC);
         h.put_u32_le(0); // crc, patched below
         h.put_u16_le(compression.code());
-        h.put_u32_le(self.count.saturating_sub(1));
+        h.put_u32_le(last_offset_delta);
         h.put_i64_le(first);
         h.put_i64_le(max);
         h.put_i64_le(-1);
@@ -1136,6 +1219,54 @@ mod tests {
         assert_eq!(recs[0].key.as_deref(), Some(&b"k"[..]));
         assert_eq!(recs[0].value.as_deref(), Some(&b"hello"[..]));
         assert_eq!(recs[0].timestamp, 1_700_000_000_000);
+    }
+
+    #[test]
+    fn sparse_batches_keep_offsets_and_need_the_sparse_decoder() {
+        let mut b = BatchBuilder::new(Compression::Lz4);
+        b.push_at(1, Some(b"k1"), Some(b"one"), &[], 10);
+        b.push_at(4, None, Some(b"four"), &[("h", None)], 12);
+        b.push_at(4, None, Some(b"four-again"), &[], 12);
+        let batch = b.finish_sparse(100, 5);
+        let view = BatchView::parse(&batch).unwrap();
+        assert_eq!(view.header().base_offset, 100);
+        assert_eq!(view.header().next_offset(), 106);
+        assert_eq!(view.header().record_count, 3);
+        let mut seen = Vec::new();
+        view.for_each_record_sparse(usize::MAX, |r| {
+            seen.push((r.offset_delta, r.value.unwrap().to_vec()))
+        })
+        .unwrap();
+        assert_eq!(
+            seen,
+            vec![
+                (1, b"one".to_vec()),
+                (4, b"four".to_vec()),
+                (4, b"four-again".to_vec())
+            ]
+        );
+        // A producer's batch must be contiguous: the strict decoder refuses gaps.
+        assert!(view.for_each_record(usize::MAX, |_| {}).is_err());
+        // Deltas past last_offset_delta, or going back, are refused by the sparse decoder too.
+        let mut b = BatchBuilder::new(Compression::None);
+        b.push_at(6, None, Some(b"x"), &[], 1);
+        let past = b.finish_sparse(0, 5);
+        assert!(
+            BatchView::parse(&past)
+                .unwrap()
+                .for_each_record_sparse(usize::MAX, |_| {})
+                .is_err()
+        );
+        let mut b = BatchBuilder::new(Compression::None);
+        b.push_at(3, None, Some(b"x"), &[], 1);
+        b.push_at(2, None, Some(b"y"), &[], 1);
+        let back = b.finish_sparse(0, 5);
+        assert!(
+            BatchView::parse(&back)
+                .unwrap()
+                .for_each_record_sparse(usize::MAX, |_| {})
+                .is_err()
+        );
     }
 
     #[test]

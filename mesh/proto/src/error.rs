@@ -53,6 +53,11 @@ pub enum ErrorCode {
     PluginExists,
     /// The component is not a valid plugin (not a component, neither world, unknown imports).
     InvalidPlugin,
+    /// A plugin failed on this data (trap, timeout, out of memory, invalid output, init
+    /// refused its parameters, or a record it failed under the `fail` policy).
+    PluginFailed,
+    /// The plugin version is attached (a topic policy, a pipeline or an open fetch chain).
+    PluginInUse,
     /// A code this client does not know (from a newer server).
     Unrecognized(u16),
 }
@@ -85,6 +90,8 @@ impl ErrorCode {
             ErrorCode::PluginNotFound => 60,
             ErrorCode::PluginExists => 61,
             ErrorCode::InvalidPlugin => 62,
+            ErrorCode::PluginFailed => 63,
+            ErrorCode::PluginInUse => 64,
             ErrorCode::Unrecognized(c) => c,
         }
     }
@@ -116,6 +123,8 @@ impl ErrorCode {
             60 => ErrorCode::PluginNotFound,
             61 => ErrorCode::PluginExists,
             62 => ErrorCode::InvalidPlugin,
+            63 => ErrorCode::PluginFailed,
+            64 => ErrorCode::PluginInUse,
             c => ErrorCode::Unrecognized(c),
         }
     }
@@ -147,6 +156,8 @@ impl ErrorCode {
             ErrorCode::PluginNotFound => "plugin_not_found",
             ErrorCode::PluginExists => "plugin_exists",
             ErrorCode::InvalidPlugin => "invalid_plugin",
+            ErrorCode::PluginFailed => "plugin_failed",
+            ErrorCode::PluginInUse => "plugin_in_use",
             ErrorCode::Unrecognized(_) => "unrecognized",
         }
     }
@@ -189,6 +200,8 @@ impl ErrorCode {
         ErrorCode::PluginNotFound,
         ErrorCode::PluginExists,
         ErrorCode::InvalidPlugin,
+        ErrorCode::PluginFailed,
+        ErrorCode::PluginInUse,
     ];
 }
 

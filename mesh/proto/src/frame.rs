@@ -96,7 +96,11 @@ impl ApiKey {
 
     /// The highest version of this API the crate implements (all start at 1).
     pub fn version_max(self) -> u16 {
-        1
+        match self {
+            // Version 2 adds a plugin chain and `next_offset`.
+            ApiKey::Fetch => 2,
+            _ => 1,
+        }
     }
 }
 

@@ -14,6 +14,8 @@ use crate::frame::ApiKey;
 pub trait Message: Sized {
     /// The API this body belongs to.
     const API: ApiKey;
+    /// The API version this type encodes (requests carry it in their header).
+    const VERSION: u16 = 1;
     /// Appends the body.
     fn encode(&self, w: &mut Writer);
     /// Decodes the body, consuming `r` entirely.
@@ -836,7 +838,63 @@ pub struct FetchTopic {
     pub partitions: Vec<FetchPartition>,
 }
 
+/// One step of a plugin chain: a deployed plugin and the configuration given to its `init`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ChainStep {
+    /// Plugin name.
+    pub plugin: String,
+    /// Exact version, or empty for the highest deployed version (re-resolved at every batch
+    /// boundary, so a newly deployed version takes over).
+    pub version: String,
+    /// Configuration pairs, in order.
+    pub params: Vec<(String, String)>,
+}
+
+impl std::fmt::Display for ChainStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.plugin)?;
+        if !self.version.is_empty() {
+            write!(f, "@{}", self.version)?;
+        }
+        Ok(())
+    }
+}
+
+/// Most steps in one chain.
+pub const CHAIN_STEPS_MAX: usize = 8;
+const _: () = assert!(CHAIN_STEPS_MAX == 8, "update the decode error message");
+
+pub(crate) fn put_chain(w: &mut Writer, chain: &[ChainStep]) {
+    put_vec(w, chain, |w, s| {
+        w.string(&s.plugin);
+        w.string(&s.version);
+        put_vec(w, &s.params, |w, (k, v)| {
+            w.string(k);
+            w.string(v);
+        });
+    });
+}
+
+pub(crate) fn get_chain(r: &mut Reader) -> Result<Vec<ChainStep>, DecodeError> {
+    let chain = get_vec(r, "chain", 8, |r| {
+        Ok(ChainStep {
+            plugin: r.string("plugin")?,
+            version: r.string("version")?,
+            params: get_vec(r, "params", 8, |r| {
+                Ok((r.string("key")?, r.string("value")?))
+            })?,
+        })
+    })?;
+    if chain.len() > CHAIN_STEPS_MAX {
+        return Err(DecodeError::Invalid("a chain has at most 8 steps"));
+    }
+    Ok(chain)
+}
+
 /// Reads record batches; a long poll that waits up to `max_wait_ms` for `min_bytes`.
+///
+/// Version 2 adds `chain`: plugins the node runs over the records before sending them
+/// (consumer-side filtering), and `next_offset` in every partition's answer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FetchRequest {
     /// Longest wait for data, ms.
@@ -847,6 +905,8 @@ pub struct FetchRequest {
     pub max_bytes: u32,
     /// Topics.
     pub topics: Vec<FetchTopic>,
+    /// Plugins applied, in order, to every partition's records (version 2; empty: none).
+    pub chain: Vec<ChainStep>,
 }
 
 /// Data of one partition.
@@ -860,8 +920,13 @@ pub struct FetchPartitionResponse {
     pub high_watermark: u64,
     /// First offset still stored.
     pub log_start_offset: u64,
-    /// Whole record batches, as stored. The first batch may start before the requested offset
-    /// (batches are never split); consumers skip records below it.
+    /// Where the consumer reads next (version 2): past every record this answer covered, also
+    /// those a chain dropped. Equal to the requested offset when nothing was read.
+    pub next_offset: u64,
+    /// Record batches. Without a chain, whole batches as stored: the first may start before
+    /// the requested offset (batches are never split); consumers skip records below it. With
+    /// a chain, each stored batch that kept records is re-encoded with only those records,
+    /// at their original offsets (offset deltas may then have gaps).
     pub records: Bytes,
 }
 
@@ -881,22 +946,8 @@ pub struct FetchResponse {
     pub topics: Vec<FetchTopicResponse>,
 }
 
-impl Message for FetchRequest {
-    const API: ApiKey = ApiKey::Fetch;
-    fn encode(&self, w: &mut Writer) {
-        w.u32(self.max_wait_ms);
-        w.u32(self.min_bytes);
-        w.u32(self.max_bytes);
-        put_vec(w, &self.topics, |w, t| {
-            w.string(&t.name);
-            put_vec(w, &t.partitions, |w, p| {
-                w.u32(p.partition);
-                w.u64(p.offset);
-                w.u32(p.partition_max_bytes);
-            });
-        });
-    }
-    fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
+impl FetchRequest {
+    fn decode_fields(r: &mut Reader, version: u16) -> Result<Self, DecodeError> {
         Ok(Self {
             max_wait_ms: r.u32("max_wait_ms")?,
             min_bytes: r.u32("min_bytes")?,
@@ -913,14 +964,49 @@ impl Message for FetchRequest {
                     })?,
                 })
             })?,
+            chain: if version >= 2 {
+                get_chain(r)?
+            } else {
+                Vec::new()
+            },
         })
+    }
+
+    /// Decodes a body of `version` (1 or 2), refusing trailing bytes.
+    pub fn from_bytes_version(body: Bytes, version: u16) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(body);
+        let m = Self::decode_fields(&mut r, version)?;
+        r.finish()?;
+        Ok(m)
     }
 }
 
-impl Message for FetchResponse {
+impl Message for FetchRequest {
     const API: ApiKey = ApiKey::Fetch;
-    /// The stored batches go out as their own chunks: a fetch never copies record bytes.
-    fn encode_chunks(&self) -> Vec<Bytes> {
+    const VERSION: u16 = 2;
+    fn encode(&self, w: &mut Writer) {
+        w.u32(self.max_wait_ms);
+        w.u32(self.min_bytes);
+        w.u32(self.max_bytes);
+        put_vec(w, &self.topics, |w, t| {
+            w.string(&t.name);
+            put_vec(w, &t.partitions, |w, p| {
+                w.u32(p.partition);
+                w.u64(p.offset);
+                w.u32(p.partition_max_bytes);
+            });
+        });
+        put_chain(w, &self.chain);
+    }
+    fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
+        Self::decode_fields(r, Self::VERSION)
+    }
+}
+
+impl FetchResponse {
+    /// Encodes for a request of `version`: version 1 has no `next_offset`. The stored
+    /// batches go out as their own chunks: a fetch without a chain never copies record bytes.
+    pub fn encode_chunks_version(&self, version: u16) -> Vec<Bytes> {
         let mut chunks = Vec::new();
         let mut w = Writer::new();
         w.count(self.topics.len());
@@ -932,6 +1018,9 @@ impl Message for FetchResponse {
                 p.status.encode(&mut w);
                 w.u64(p.high_watermark);
                 w.u64(p.log_start_offset);
+                if version >= 2 {
+                    w.u64(p.next_offset);
+                }
                 w.count(p.records.len());
                 if !p.records.is_empty() {
                     chunks.push(std::mem::take(&mut w).into_bytes().freeze());
@@ -944,28 +1033,60 @@ impl Message for FetchResponse {
         }
         chunks
     }
-    fn encode(&self, w: &mut Writer) {
-        for c in self.encode_chunks() {
-            w.buffer_mut().extend_from_slice(&c);
-        }
-    }
-    fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
+
+    fn decode_fields(r: &mut Reader, version: u16) -> Result<Self, DecodeError> {
+        let fixed = if version >= 2 { 34 } else { 26 };
         Ok(Self {
             topics: get_vec(r, "topics", 6, |r| {
                 Ok(FetchTopicResponse {
                     name: r.string("name")?,
-                    partitions: get_vec(r, "partitions", 26, |r| {
+                    partitions: get_vec(r, "partitions", fixed, |r| {
+                        let partition = r.u32("partition")?;
+                        let status = Status::decode(r)?;
+                        let high_watermark = r.u64("high_watermark")?;
+                        let log_start_offset = r.u64("log_start_offset")?;
+                        let next_offset = if version >= 2 {
+                            r.u64("next_offset")?
+                        } else {
+                            0
+                        };
                         Ok(FetchPartitionResponse {
-                            partition: r.u32("partition")?,
-                            status: Status::decode(r)?,
-                            high_watermark: r.u64("high_watermark")?,
-                            log_start_offset: r.u64("log_start_offset")?,
+                            partition,
+                            status,
+                            high_watermark,
+                            log_start_offset,
+                            next_offset,
                             records: r.bytes("records")?,
                         })
                     })?,
                 })
             })?,
         })
+    }
+
+    /// Decodes a body of `version` (1 or 2), refusing trailing bytes. Version 1 carries no
+    /// `next_offset` (it decodes as 0).
+    pub fn from_bytes_version(body: Bytes, version: u16) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(body);
+        let m = Self::decode_fields(&mut r, version)?;
+        r.finish()?;
+        Ok(m)
+    }
+}
+
+impl Message for FetchResponse {
+    const API: ApiKey = ApiKey::Fetch;
+    const VERSION: u16 = 2;
+    fn encode_chunks(&self) -> Vec<Bytes> {
+        self.encode_chunks_version(Self::VERSION)
+    }
+    fn encode(&self, w: &mut Writer) {
+        for c in self.encode_chunks() {
+            w.buffer_mut().extend_from_slice(&c);
+        }
+    }
+    fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
+        Self::decode_fields(r, Self::VERSION)
     }
 }
 
@@ -1195,6 +1316,63 @@ mod tests {
     }
 
     #[test]
+    fn fetch_version_1_has_no_chain_and_no_next_offset() {
+        let v2 = FetchRequest {
+            max_wait_ms: 1,
+            min_bytes: 2,
+            max_bytes: 3,
+            topics: vec![FetchTopic {
+                name: "t".into(),
+                partitions: vec![FetchPartition {
+                    partition: 0,
+                    offset: 9,
+                    partition_max_bytes: 4,
+                }],
+            }],
+            chain: vec![],
+        };
+        let body = v2.to_bytes();
+        // A v1 body is the v2 body without the (empty) chain count.
+        let v1 = body.slice(..body.len() - 4);
+        assert_eq!(FetchRequest::from_bytes_version(v1.clone(), 1).unwrap(), v2);
+        assert!(FetchRequest::from_bytes_version(v1, 2).is_err());
+        let resp = FetchResponse {
+            topics: vec![FetchTopicResponse {
+                name: "t".into(),
+                partitions: vec![FetchPartitionResponse {
+                    partition: 0,
+                    status: Status::ok(),
+                    high_watermark: 10,
+                    log_start_offset: 0,
+                    next_offset: 10,
+                    records: Bytes::from_static(b"batches"),
+                }],
+            }],
+        };
+        let v1: Vec<u8> = resp.encode_chunks_version(1).concat();
+        assert_eq!(v1.len() + 8, resp.to_bytes().len());
+        let back = FetchResponse::from_bytes_version(Bytes::from(v1), 1).unwrap();
+        assert_eq!(back.topics[0].partitions[0].next_offset, 0);
+        assert_eq!(
+            back.topics[0].partitions[0].records,
+            resp.topics[0].partitions[0].records
+        );
+    }
+
+    #[test]
+    fn chains_are_bounded() {
+        let step = ChainStep {
+            plugin: "p".into(),
+            version: String::new(),
+            params: vec![],
+        };
+        let mut w = Writer::new();
+        put_chain(&mut w, &vec![step; CHAIN_STEPS_MAX + 1]);
+        let mut r = Reader::new(w.into_bytes().freeze());
+        assert!(get_chain(&mut r).is_err());
+    }
+
+    #[test]
     fn all_messages_roundtrip() {
         let info = PluginInfo {
             name: "filter-json".into(),
@@ -1203,6 +1381,10 @@ mod tests {
             sha256: "ab".repeat(32),
             bytes: 123_456,
             deployed_ms: 1_700_000_000_000,
+            attached: 2,
+            records_in: 10,
+            guest_us: 7,
+            ..PluginInfo::default()
         };
         roundtrip(PluginDeployRequest {
             name: "filter-json".into(),
@@ -1334,6 +1516,14 @@ mod tests {
                     partition_max_bytes: 1 << 20,
                 }],
             }],
+            chain: vec![ChainStep {
+                plugin: "filter-json".into(),
+                version: "1.0.0".into(),
+                params: vec![
+                    ("field".into(), "level".into()),
+                    ("eq".into(), "error".into()),
+                ],
+            }],
         });
         roundtrip(FetchResponse {
             topics: vec![FetchTopicResponse {
@@ -1344,6 +1534,7 @@ mod tests {
                         status: Status::ok(),
                         high_watermark: 10,
                         log_start_offset: 0,
+                        next_offset: 8,
                         records: Bytes::from_static(b"xyz"),
                     },
                     FetchPartitionResponse {
@@ -1351,6 +1542,7 @@ mod tests {
                         status: Status::err(ErrorCode::OffsetOutOfRange, "nope"),
                         high_watermark: 0,
                         log_start_offset: 0,
+                        next_offset: 0,
                         records: Bytes::new(),
                     },
                 ],
@@ -1475,6 +1667,24 @@ pub struct PluginInfo {
     pub bytes: u64,
     /// When it was deployed, ms since the Unix epoch.
     pub deployed_ms: i64,
+    /// Running instances (fetch chains, topic policies, pipelines); removal is refused while
+    /// this is not 0.
+    pub attached: u32,
+    /// Batches run since the node started (this and the counters below cover every
+    /// instance of this version).
+    pub batches: u64,
+    /// Records given to the plugin.
+    pub records_in: u64,
+    /// Records it passed on (kept by a filter, emitted by a transform).
+    pub records_out: u64,
+    /// Records a filter dropped.
+    pub records_dropped: u64,
+    /// Records it failed.
+    pub records_failed: u64,
+    /// Calls that ended in a plugin error (trap, timeout, out of memory, invalid output).
+    pub errors: u64,
+    /// Time spent in the guest, µs.
+    pub guest_us: u64,
 }
 
 fn put_plugin(w: &mut Writer, p: &PluginInfo) {
@@ -1484,6 +1694,18 @@ fn put_plugin(w: &mut Writer, p: &PluginInfo) {
     w.string(&p.sha256);
     w.u64(p.bytes);
     w.i64(p.deployed_ms);
+    w.u32(p.attached);
+    for c in [
+        p.batches,
+        p.records_in,
+        p.records_out,
+        p.records_dropped,
+        p.records_failed,
+        p.errors,
+        p.guest_us,
+    ] {
+        w.u64(c);
+    }
 }
 
 fn get_plugin(r: &mut Reader) -> Result<PluginInfo, DecodeError> {
@@ -1494,6 +1716,14 @@ fn get_plugin(r: &mut Reader) -> Result<PluginInfo, DecodeError> {
         sha256: r.string("sha256")?,
         bytes: r.u64("bytes")?,
         deployed_ms: r.i64("deployed_ms")?,
+        attached: r.u32("attached")?,
+        batches: r.u64("batches")?,
+        records_in: r.u64("records_in")?,
+        records_out: r.u64("records_out")?,
+        records_dropped: r.u64("records_dropped")?,
+        records_failed: r.u64("records_failed")?,
+        errors: r.u64("errors")?,
+        guest_us: r.u64("guest_us")?,
     })
 }
 
@@ -1588,7 +1818,7 @@ impl Message for PluginListResponse {
     }
     fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
         Ok(Self {
-            plugins: get_vec(r, "plugins", 26, get_plugin)?,
+            plugins: get_vec(r, "plugins", 86, get_plugin)?,
         })
     }
 }

@@ -8,7 +8,8 @@ use bytes::Bytes;
 use futures::Stream;
 use quiver_proto::batch::RecordBatches;
 use quiver_proto::messages::{
-    EARLIEST_TIMESTAMP, FetchPartition, FetchRequest, FetchResponse, FetchTopic, LATEST_TIMESTAMP,
+    ChainStep, EARLIEST_TIMESTAMP, FetchPartition, FetchRequest, FetchResponse, FetchTopic,
+    LATEST_TIMESTAMP,
 };
 use quiver_proto::{Compression, ErrorCode};
 
@@ -27,6 +28,10 @@ pub struct ConsumerConfig {
     pub fetch_bytes_min: u32,
     /// What to do when a position is no longer (or not yet) in the log.
     pub offset_reset: OffsetReset,
+    /// Plugins the node runs over the records before sending them (consumer-side
+    /// filtering); empty for none. Records keep their offsets; the consumer's position moves
+    /// past records the chain dropped.
+    pub chain: Vec<ChainStep>,
 }
 
 impl Default for ConsumerConfig {
@@ -37,6 +42,7 @@ impl Default for ConsumerConfig {
             fetch_wait_ms_max: 500,
             fetch_bytes_min: 1,
             offset_reset: OffsetReset::Earliest,
+            chain: Vec::new(),
         }
     }
 }
@@ -203,6 +209,7 @@ impl Consumer {
                     })
                     .collect(),
             }],
+            chain: self.config.chain.clone(),
         };
         let resp: FetchResponse = self
             .client
@@ -227,7 +234,8 @@ impl Consumer {
                     continue;
                 };
                 let next = decode_records(&self.topic, p.partition, &p.records, pos, &mut out)?;
-                advanced.push((p.partition, next.max(pos)));
+                // `next_offset` also covers records a chain dropped.
+                advanced.push((p.partition, next.max(pos).max(p.next_offset)));
             }
         }
         for (partition, next) in advanced {
@@ -299,7 +307,8 @@ fn decode_records(
                 Bytes::copy_from_slice(b)
             }
         };
-        view.for_each_record(usize::MAX, |r| {
+        // Batches a chain re-encoded have gaps in their offset deltas.
+        view.for_each_record_sparse(usize::MAX, |r| {
             let offset = h.base_offset + u64::from(r.offset_delta);
             if offset < from {
                 return;

@@ -34,6 +34,6 @@ pub use partitioner::murmur2;
 pub use producer::{
     DeliveryFuture, ProduceError, Producer, ProducerConfig, ProducerRecord, RecordMetadata,
 };
-pub use quiver_proto::messages::Acks;
+pub use quiver_proto::messages::{Acks, ChainStep};
 pub use quiver_proto::{Compression, ErrorCode};
 pub use quiver_transport::TransportSettings;

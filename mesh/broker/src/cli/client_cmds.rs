@@ -141,6 +141,15 @@ pub struct ConsumeArgs {
     /// Output: the value per line (raw), or one JSON object per record.
     #[arg(long, value_enum, default_value = "raw")]
     format: Format,
+    /// Run this deployed plugin on the node over the records before they are sent,
+    /// NAME[@VERSION] (without a version: the highest deployed, swapped when a newer one is
+    /// deployed). Repeat for a chain, applied in order.
+    #[arg(long = "plugin", value_name = "NAME[@VERSION]")]
+    plugins: Vec<String>,
+    /// A plugin parameter, KEY=VALUE; with several plugins NAME.KEY=VALUE (or
+    /// INDEX.KEY=VALUE, from 1). Repeat as needed.
+    #[arg(long = "param", value_name = "KEY=VALUE")]
+    params: Vec<String>,
     #[command(flatten)]
     connect: ConnectArgs,
 }
@@ -368,6 +377,7 @@ fn print_record(out: &mut impl Write, r: &ConsumerRecord, format: Format) -> std
 }
 
 pub async fn consume(a: ConsumeArgs) -> anyhow::Result<ExitCode> {
+    let chain = super::plugin_cmds::chain_from_flags(&a.plugins, &a.params)?;
     let client = a.connect.connect().await?;
     let count = client.partition_count(&a.topic).await?;
     if a.offset.is_some() && a.partition.is_none() && count > 1 {
@@ -380,7 +390,10 @@ pub async fn consume(a: ConsumeArgs) -> anyhow::Result<ExitCode> {
         client.clone(),
         &a.topic,
         a.partition.map(|p| vec![p]),
-        ConsumerConfig::default(),
+        ConsumerConfig {
+            chain,
+            ..ConsumerConfig::default()
+        },
     )
     .await?;
     let start = match (a.from_beginning, a.offset, a.from_time) {
@@ -419,10 +432,12 @@ pub async fn consume(a: ConsumeArgs) -> anyhow::Result<ExitCode> {
             printed += 1;
             if a.max_records.is_some_and(|m| printed >= m) {
                 out.flush()?;
+                client.close().await;
                 return Ok(ExitCode::SUCCESS);
             }
         }
         out.flush()?;
     }
+    client.close().await;
     Ok(ExitCode::SUCCESS)
 }

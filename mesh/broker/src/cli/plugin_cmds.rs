@@ -112,7 +112,7 @@ pub async fn plugin(cmd: PluginCommand) -> anyhow::Result<ExitCode> {
             }
             println!("plugin {} ({})", a.name, versions[0].kind);
             println!("  version\tkind\tbytes\tdeployed\tsha256");
-            for p in versions {
+            for p in &versions {
                 let deployed = time::OffsetDateTime::from_unix_timestamp_nanos(
                     i128::from(p.deployed_ms) * 1_000_000,
                 )
@@ -127,6 +127,22 @@ pub async fn plugin(cmd: PluginCommand) -> anyhow::Result<ExitCode> {
                     p.version, p.kind, p.bytes, p.sha256
                 );
             }
+            println!("  since the node started:");
+            println!("  version\tattached\tbatches\tin\tout\tdropped\tfailed\terrors\tguest_ms");
+            for p in &versions {
+                println!(
+                    "  {}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{:.1}",
+                    p.version,
+                    p.attached,
+                    p.batches,
+                    p.records_in,
+                    p.records_out,
+                    p.records_dropped,
+                    p.records_failed,
+                    p.errors,
+                    p.guest_us as f64 / 1000.0
+                );
+            }
         }
         PluginCommand::Remove(a) => {
             let (name, version) = a
@@ -139,4 +155,127 @@ pub async fn plugin(cmd: PluginCommand) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Builds a chain from repeated `--plugin NAME[@VERSION]` and `--param K=V` flags. With one
+/// plugin every parameter is its own; with several, a parameter names its step as
+/// `NAME.K=V` (or `INDEX.K=V`, counting steps from 1, when a plugin appears twice).
+pub fn chain_from_flags(
+    plugins: &[String],
+    params: &[String],
+) -> anyhow::Result<Vec<quiver_proto::messages::ChainStep>> {
+    use quiver_proto::messages::{CHAIN_STEPS_MAX, ChainStep};
+    if plugins.is_empty() {
+        if !params.is_empty() {
+            anyhow::bail!("--param needs a --plugin to configure");
+        }
+        return Ok(Vec::new());
+    }
+    if plugins.len() > CHAIN_STEPS_MAX {
+        anyhow::bail!("a chain has at most {CHAIN_STEPS_MAX} plugins");
+    }
+    let mut steps = Vec::with_capacity(plugins.len());
+    for p in plugins {
+        let (name, version) = match p.split_once('@') {
+            Some((n, v)) => (n, v),
+            None => (p.as_str(), ""),
+        };
+        crate::plugins::check_name(name).map_err(|e| anyhow::anyhow!("--plugin {p:?}: {e}"))?;
+        if !version.is_empty() || p.contains('@') {
+            crate::plugins::check_version(version)
+                .map_err(|e| anyhow::anyhow!("--plugin {p:?}: {e}"))?;
+        }
+        steps.push(ChainStep {
+            plugin: name.to_string(),
+            version: version.to_string(),
+            params: Vec::new(),
+        });
+    }
+    for kv in params {
+        let (key, value) = kv
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--param {kv:?}: expected KEY=VALUE"))?;
+        let (step, key) = if steps.len() == 1 {
+            (0, key)
+        } else {
+            let (target, key) = key.split_once('.').ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--param {kv:?}: with several plugins, name the step: NAME.KEY=VALUE or INDEX.KEY=VALUE"
+                )
+            })?;
+            let by_index = target
+                .parse::<usize>()
+                .ok()
+                .filter(|i| (1..=steps.len()).contains(i))
+                .map(|i| i - 1);
+            let by_name: Vec<usize> = (0..steps.len())
+                .filter(|i| steps[*i].plugin == target)
+                .collect();
+            let step = match (by_index, by_name.as_slice()) {
+                (Some(i), _) => i,
+                (None, [i]) => *i,
+                (None, []) => anyhow::bail!("--param {kv:?}: no step {target:?} in the chain"),
+                (None, _) => anyhow::bail!(
+                    "--param {kv:?}: {target} appears more than once; name the step by its position (1-{})",
+                    steps.len()
+                ),
+            };
+            (step, key)
+        };
+        if key.is_empty() {
+            anyhow::bail!("--param {kv:?}: empty key");
+        }
+        steps[step]
+            .params
+            .push((key.to_string(), value.to_string()));
+    }
+    Ok(steps)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chain_from_flags;
+
+    fn s(v: &[&str]) -> Vec<String> {
+        v.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn flags_make_chains() {
+        let one =
+            chain_from_flags(&s(&["filter-json@1.0.0"]), &s(&["field=a.b", "value=x=y"])).unwrap();
+        assert_eq!(one[0].plugin, "filter-json");
+        assert_eq!(one[0].version, "1.0.0");
+        assert_eq!(
+            one[0].params,
+            vec![
+                ("field".into(), "a.b".into()),
+                ("value".into(), "x=y".into())
+            ]
+        );
+        let two = chain_from_flags(
+            &s(&["sample", "redact", "sample"]),
+            &s(&["redact.fields=ssn", "1.every=10", "3.every=2"]),
+        )
+        .unwrap();
+        assert_eq!(two[1].params, vec![("fields".into(), "ssn".into())]);
+        assert_eq!(two[0].params, vec![("every".into(), "10".into())]);
+        assert_eq!(two[2].params, vec![("every".into(), "2".into())]);
+        for (plugins, params) in [
+            (s(&[]), s(&["a=b"])),
+            (s(&["Bad"]), s(&[])),
+            (s(&["p@1"]), s(&[])),
+            (s(&["p@"]), s(&[])),
+            (s(&["p"]), s(&["novalue"])),
+            (s(&["p", "q"]), s(&["k=v"])),
+            (s(&["p", "q"]), s(&["r.k=v"])),
+            (s(&["p", "p"]), s(&["p.k=v"])),
+            (s(&["p"]), s(&["=v"])),
+        ] {
+            assert!(
+                chain_from_flags(&plugins, &params).is_err(),
+                "{plugins:?} {params:?}"
+            );
+        }
+    }
 }
