@@ -9,9 +9,13 @@ use dashmap::DashMap;
 use quiver_proto::{ErrorCode, PartitionId, TopicName};
 
 use crate::catalog::{Catalog, CatalogError};
+use crate::chains::RunningChain;
 use crate::partition::{Partition, PartitionError};
 use crate::plugins::Registry;
-use crate::topic_config::{PARTITIONS_MAX, TopicConfig};
+use crate::topic_config::{ErrorPolicy, PARTITIONS_MAX, TopicConfig};
+
+/// A partition's produce-side chain: the chain text it was started for, and its instances.
+pub type PolicySlot = Arc<tokio::sync::Mutex<Option<(String, RunningChain)>>>;
 
 /// A topic hosted by this node.
 #[derive(Debug)]
@@ -64,6 +68,8 @@ pub struct Broker {
     topic_defaults: Vec<(String, String)>,
     /// Serialises create/delete so a name is never half created.
     admin: tokio::sync::Mutex<()>,
+    /// Produce-side chains by (topic, partition), started at the first produce.
+    policies: DashMap<(TopicName, u32), PolicySlot>,
 }
 
 impl Broker {
@@ -72,6 +78,11 @@ impl Broker {
     /// The plugin registry.
     pub fn plugins(&self) -> &Registry {
         &self.plugins
+    }
+
+    /// The catalog (topics, plugins and pipelines in sled).
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
     }
 
     pub async fn open(
@@ -99,6 +110,7 @@ impl Broker {
             topics: DashMap::new(),
             topic_defaults,
             admin: tokio::sync::Mutex::new(()),
+            policies: DashMap::new(),
         };
         let known = broker.catalog.topics()?;
         for (name, config) in &known {
@@ -215,6 +227,7 @@ impl Broker {
             .and_then(|_| config.apply(configs))
             .map_err(|e| AdminError::new(ErrorCode::InvalidConfig, e))?;
         let _guard = self.admin.lock().await;
+        self.check_policy(&name, &config)?;
         if self.topics.contains_key(&name) || !self.catalog.insert(&name, &config)? {
             return Err(AdminError::new(
                 ErrorCode::TopicAlreadyExists,
@@ -235,6 +248,117 @@ impl Broker {
         }
     }
 
+    /// Checks a topic's plugin policy against what is deployed: every step names a deployed
+    /// plugin (and version), and a dead-letter topic exists and is another topic.
+    fn check_policy(&self, name: &TopicName, config: &TopicConfig) -> Result<(), AdminError> {
+        for step in config.produce_chain() {
+            self.plugins
+                .deployed_version(&step)
+                .map_err(|(code, message)| AdminError::new(code, message))?;
+        }
+        if let ErrorPolicy::Dlq(dlq) = &config.on_error {
+            if dlq == name.as_str() {
+                return Err(AdminError::new(
+                    ErrorCode::InvalidConfig,
+                    format!("plugin.on.error: {name} cannot be its own dead-letter topic"),
+                ));
+            }
+            if self.topic(dlq).is_none() {
+                return Err(AdminError::new(
+                    ErrorCode::InvalidConfig,
+                    format!(
+                        "plugin.on.error: dead-letter topic {dlq} does not exist; create it first"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Changes settings of a live topic: `set` applies values, `reset` restores defaults.
+    /// Only [`config_keys::ALTERABLE`](quiver_proto::messages::config_keys::ALTERABLE) keys.
+    /// A changed produce-side chain takes effect at the next produced batch of each partition
+    /// (with new instances: keyed state starts empty).
+    pub async fn alter_topic(
+        &self,
+        name: &str,
+        set: &[(String, String)],
+        reset: &[String],
+    ) -> Result<(), AdminError> {
+        use quiver_proto::messages::config_keys as keys;
+        let unknown = || {
+            AdminError::new(
+                ErrorCode::UnknownTopicOrPartition,
+                format!("unknown topic {name}"),
+            )
+        };
+        let topic_name = TopicName::new(name).map_err(|_| unknown())?;
+        for k in set.iter().map(|(k, _)| k).chain(reset) {
+            if !keys::ALTERABLE.contains(&k.as_str()) {
+                return Err(AdminError::new(
+                    ErrorCode::InvalidConfig,
+                    format!(
+                        "{k} cannot be changed on a live topic; alterable: {}",
+                        keys::ALTERABLE.join(", ")
+                    ),
+                ));
+            }
+        }
+        let _guard = self.admin.lock().await;
+        let topic = self.topic(name).ok_or_else(unknown)?;
+        let mut config = topic.config.clone();
+        let defaults = TopicConfig::defaults(config.partitions);
+        for k in reset {
+            match k.as_str() {
+                keys::PLUGIN_ON_PRODUCE => config.on_produce = defaults.on_produce.clone(),
+                keys::PLUGIN_ON_ERROR => config.on_error = defaults.on_error.clone(),
+                _ => {}
+            }
+        }
+        config
+            .apply(set)
+            .map_err(|e| AdminError::new(ErrorCode::InvalidConfig, e))?;
+        self.check_policy(&topic_name, &config)?;
+        self.catalog.update(&topic_name, &config)?;
+        if config.on_produce != topic.config.on_produce {
+            // The old chain's instances go (and with them its attachments); the new one starts
+            // at the next produce.
+            self.policies.retain(|(t, _), _| *t != topic_name);
+        }
+        self.topics.insert(
+            topic_name.clone(),
+            Arc::new(Topic {
+                config,
+                partitions: topic.partitions.clone(),
+            }),
+        );
+        tracing::info!(topic = %topic_name, "topic settings changed");
+        Ok(())
+    }
+
+    /// The produce-side chain slot of a partition.
+    pub fn policy_slot(&self, topic: &TopicName, partition: u32) -> PolicySlot {
+        self.policies
+            .entry((topic.clone(), partition))
+            .or_default()
+            .clone()
+    }
+
+    /// A topic whose produce-side policy uses `name@version` (naming it, or naming `name`
+    /// without a version while `version` is the highest deployed), or whose dead-letter
+    /// The first found, for the error message.
+    pub fn policy_using(&self, name: &str, version: &str) -> Option<TopicName> {
+        self.topics().into_iter().find_map(|(t, topic)| {
+            let uses = topic.config.produce_chain().iter().any(|s| {
+                s.plugin == name
+                    && (s.version == version
+                        || (s.version.is_empty()
+                            && self.plugins.deployed_version(s).is_ok_and(|v| v == version)))
+            });
+            uses.then_some(t)
+        })
+    }
+
     /// Deletes a topic and its data.
     pub async fn delete_topic(&self, name: &str) -> Result<(), AdminError> {
         let unknown = || {
@@ -245,9 +369,18 @@ impl Broker {
         };
         let name = TopicName::new(name).map_err(|_| unknown())?;
         let _guard = self.admin.lock().await;
+        if let Some(user) = self.topics().into_iter().find_map(|(t, topic)| {
+            (topic.config.on_error == ErrorPolicy::Dlq(name.to_string())).then_some(t)
+        }) {
+            return Err(AdminError::new(
+                ErrorCode::InvalidConfig,
+                format!("{name} is the dead-letter topic of {user}; change that policy first"),
+            ));
+        }
         let Some((_, topic)) = self.topics.remove(&name) else {
             return Err(unknown());
         };
+        self.policies.retain(|(t, _), _| *t != name);
         // Close and rename every partition first, then forget the topic: a crash in between
         // leaves either the topic with (some) empty partitions, or `*.deleted` directories
         // that the next start removes — never old data under a live name.

@@ -84,6 +84,17 @@ impl Catalog {
         Ok(swapped.is_ok())
     }
 
+    /// Replaces a known topic's settings durably.
+    pub fn update(&self, name: &TopicName, config: &TopicConfig) -> Result<(), CatalogError> {
+        let value = serde_json::to_vec(config).map_err(|e| CatalogError::Corrupt {
+            name: name.to_string(),
+            reason: e.to_string(),
+        })?;
+        self.topics.insert(name.as_str(), value)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
     /// Removes a topic durably. Returns false if it did not exist.
     pub fn remove(&self, name: &TopicName) -> Result<bool, CatalogError> {
         let old = self.topics.remove(name.as_str())?;

@@ -78,6 +78,16 @@ impl RunningChain {
         })
     }
 
+    /// `name@version` of step `i`.
+    pub fn step_key(&self, i: usize) -> &str {
+        self.steps.get(i).map_or("?", |s| s.key.as_str())
+    }
+
+    /// The chain this was started for.
+    pub fn spec(&self) -> &[ChainStep] {
+        &self.spec
+    }
+
     /// `name@version` of every step, in order.
     pub fn keys(&self) -> impl Iterator<Item = &str> {
         self.steps.iter().map(|s| s.key.as_str())
@@ -280,4 +290,199 @@ impl ConnectionChains {
         slots.insert(key, s.clone());
         Ok(s)
     }
+}
+
+/// What a produce-side policy made of one partition's produced batches.
+#[derive(Debug, Default)]
+pub struct PolicyOutcome {
+    /// Batches to append (each untouched batch as produced, others re-encoded).
+    pub batches: Vec<Bytes>,
+    /// Records for the dead-letter topic, as one batch (empty when none).
+    pub dlq: Option<Bytes>,
+    /// Records dropped by the chain (filtered out).
+    pub dropped: u64,
+    /// Records that failed and were skipped or sent to the dead-letter topic.
+    pub failed: u64,
+}
+
+/// Headers a dead-letter record carries besides its own.
+pub mod dlq_headers {
+    /// `name@version` of the plugin that failed the record.
+    pub const PLUGIN: &str = "quiver.plugin";
+    /// The reason.
+    pub const ERROR: &str = "quiver.error";
+    /// Topic the record was produced to.
+    pub const SOURCE_TOPIC: &str = "quiver.source.topic";
+    /// Partition it was produced to (decimal).
+    pub const SOURCE_PARTITION: &str = "quiver.source.partition";
+    /// Its offset in the source partition (decimal), for records that have one (pipelines);
+    /// a record refused on produce was never stored, so it has none.
+    pub const SOURCE_OFFSET: &str = "quiver.source.offset";
+    /// Its position among the records of the produce request for that partition (decimal).
+    pub const SOURCE_INDEX: &str = "quiver.source.index";
+}
+
+/// Where a record that failed came from, for the dead-letter headers.
+#[derive(Clone, Debug)]
+pub struct Source<'a> {
+    /// Topic.
+    pub topic: &'a str,
+    /// Partition.
+    pub partition: u32,
+}
+
+/// Appends a dead-letter copy of `r` to `dlq`: the record unchanged, plus headers naming the
+/// plugin, the reason and the source (`offset` when the record has one in its source
+/// partition; otherwise its position in the produce request).
+pub fn dead_letter(
+    dlq: &mut BatchBuilder,
+    r: &quiver_runtime::RecordView<'_>,
+    plugin: &str,
+    reason: &str,
+    source: &Source<'_>,
+    offset: Option<u64>,
+) {
+    let mut hs: Vec<(&str, Option<&[u8]>)> = r.headers().collect();
+    let partition = source.partition.to_string();
+    let at = offset.unwrap_or(r.offset).to_string();
+    hs.push((dlq_headers::PLUGIN, Some(plugin.as_bytes())));
+    hs.push((dlq_headers::ERROR, Some(reason.as_bytes())));
+    hs.push((dlq_headers::SOURCE_TOPIC, Some(source.topic.as_bytes())));
+    hs.push((dlq_headers::SOURCE_PARTITION, Some(partition.as_bytes())));
+    let key = if offset.is_some() {
+        dlq_headers::SOURCE_OFFSET
+    } else {
+        dlq_headers::SOURCE_INDEX
+    };
+    hs.push((key, Some(at.as_bytes())));
+    dlq.push(r.key, r.value, &hs, r.timestamp);
+}
+
+/// The plugin (`name@version`) a [`RunningChain::run`] error names.
+pub fn plugin_of(message: &str) -> &str {
+    message.split(": ").next().unwrap_or_default()
+}
+
+fn show_key(key: Option<&[u8]>) -> String {
+    match key {
+        None => "no key".to_string(),
+        Some(k) => {
+            let s = String::from_utf8_lossy(&k[..k.len().min(64)]);
+            format!("key {s:?}")
+        }
+    }
+}
+
+/// Runs a produce-side policy chain over one partition's validated batches, in order.
+/// Records are numbered by their position in the request (the offsets plugins see), since
+/// they have no offsets yet. `policy` decides what a failed record, or a batch a plugin failed
+/// on, becomes: an error for the whole partition (`fail`), nothing (`skip`), or a
+/// dead-letter record (`dlq`). Output topics a transform names are ignored here.
+pub fn apply_policy(
+    chain: &mut RunningChain,
+    registry: &Registry,
+    batches: &[Bytes],
+    source: &Source<'_>,
+    policy: &crate::topic_config::ErrorPolicy,
+) -> Result<PolicyOutcome, RegistryError> {
+    use crate::topic_config::ErrorPolicy;
+    let mut out = PolicyOutcome::default();
+    let mut dlq = BatchBuilder::new(Compression::None);
+    let mut index = 0u64;
+    for (bi, bytes) in batches.iter().enumerate() {
+        let view = quiver_proto::batch::BatchView::parse(bytes)
+            .map_err(|e| (ErrorCode::InvalidBatch, e.to_string()))?;
+        let h = *view.header();
+        let first = index;
+        let mut input = ColumnarBatch::new();
+        view.for_each_record(usize::MAX, |r| {
+            if r.header_count() == 0 {
+                input.push(index, r.timestamp, r.key, r.value, &[]);
+            } else {
+                let hs: Vec<(&str, Option<&[u8]>)> =
+                    r.headers().map(|x| (x.key, x.value)).collect();
+                input.push(index, r.timestamp, r.key, r.value, &hs);
+            }
+            index += 1;
+        })
+        .map_err(|e| (ErrorCode::InvalidBatch, e.to_string()))?;
+        chain.refresh(registry)?;
+        let mut to_dlq = |records: &mut dyn Iterator<Item = (usize, String, String)>| {
+            for (i, plugin, reason) in records {
+                dead_letter(&mut dlq, &input.view(i), &plugin, &reason, source, None);
+            }
+        };
+        let outcome = match chain.run(&input) {
+            Ok(o) => o,
+            Err((code, message)) => {
+                // The plugin failed on the batch as a whole: every record of it failed.
+                let n = input.len();
+                match policy {
+                    ErrorPolicy::Fail => {
+                        return Err((
+                            code,
+                            format!("batch {bi} (records {first}..{index}): {message}"),
+                        ));
+                    }
+                    ErrorPolicy::Skip => {}
+                    ErrorPolicy::Dlq(_) => {
+                        let plugin = plugin_of(&message).to_string();
+                        to_dlq(&mut (0..n).map(|i| (i, plugin.clone(), message.clone())));
+                    }
+                }
+                out.failed += n as u64;
+                continue;
+            }
+        };
+        if let Some((i, step, reason)) = outcome.failures.first() {
+            let plugin = chain.step_key(*step).to_string();
+            match policy {
+                ErrorPolicy::Fail => {
+                    let r = input.view(*i);
+                    return Err((
+                        ErrorCode::PluginFailed,
+                        format!(
+                            "record {} ({}) failed in {plugin}: {reason}",
+                            r.offset,
+                            show_key(r.key)
+                        ),
+                    ));
+                }
+                ErrorPolicy::Skip => {}
+                ErrorPolicy::Dlq(_) => {
+                    to_dlq(&mut outcome.failures.iter().map(|(i, step, reason)| {
+                        (*i, chain.step_key(*step).to_string(), reason.clone())
+                    }));
+                }
+            }
+            out.failed += outcome.failures.len() as u64;
+        }
+        let passed = outcome.kept.len();
+        let mut sources = outcome.kept.clone();
+        sources.dedup();
+        out.dropped += input
+            .len()
+            .saturating_sub(sources.len() + outcome.failures.len()) as u64;
+        if passed == 0 {
+            continue;
+        }
+        if outcome.output.is_none() && passed == input.len() {
+            out.batches.push(bytes.clone());
+            continue;
+        }
+        let compression = h.compression().unwrap_or(Compression::None);
+        let mut b = BatchBuilder::with_capacity(compression, input.data_bytes());
+        let mut hs: Vec<(&str, Option<&[u8]>)> = Vec::new();
+        for j in 0..passed {
+            let r = outcome.view(&input, j);
+            hs.clear();
+            hs.extend(r.headers());
+            b.push(r.key, r.value, &hs, r.timestamp);
+        }
+        out.batches.push(b.finish());
+    }
+    if !dlq.is_empty() {
+        out.dlq = Some(dlq.finish());
+    }
+    Ok(out)
 }

@@ -28,6 +28,7 @@ pub struct HandlerLimits {
 }
 
 use crate::chains::{ConnectionChains, RunningChain, filter_stored};
+use crate::pipelines::Pipelines;
 
 fn status_of(e: &PartitionError) -> Status {
     Status::err(e.code, e.message.clone())
@@ -103,9 +104,23 @@ pub async fn create_topics(broker: &Broker, req: CreateTopicsRequest) -> CreateT
 }
 
 /// Deletes topics, one result each.
-pub async fn delete_topics(broker: &Broker, req: DeleteTopicsRequest) -> DeleteTopicsResponse {
+pub async fn delete_topics(
+    broker: &Broker,
+    pipelines: &Pipelines,
+    req: DeleteTopicsRequest,
+) -> DeleteTopicsResponse {
     let mut results = Vec::with_capacity(req.names.len());
     for name in req.names {
+        if let Some(p) = pipelines.using_topic(&name) {
+            results.push(TopicResult {
+                status: Status::err(
+                    ErrorCode::InvalidConfig,
+                    format!("{name} is used by pipeline {p}; delete the pipeline first"),
+                ),
+                name,
+            });
+            continue;
+        }
         let status = match broker.delete_topic(&name).await {
             Ok(()) => Status::ok(),
             Err(e) => Status::err(e.code, e.message),
@@ -146,11 +161,67 @@ pub fn plugin_list(
 }
 
 /// Removes a plugin version.
-pub async fn plugin_remove(broker: &Broker, req: PluginRemoveRequest) -> PluginRemoveResponse {
+pub async fn plugin_remove(
+    broker: &Broker,
+    pipelines: &Pipelines,
+    req: PluginRemoveRequest,
+) -> PluginRemoveResponse {
+    if let Some(p) = pipelines.using_plugin(&req.name, &req.version) {
+        return PluginRemoveResponse {
+            status: Status::err(
+                ErrorCode::PluginInUse,
+                format!(
+                    "{}@{} is used by pipeline {p}; delete the pipeline first",
+                    req.name, req.version
+                ),
+            ),
+        };
+    }
+    if let Some(topic) = broker.policy_using(&req.name, &req.version) {
+        return PluginRemoveResponse {
+            status: Status::err(
+                ErrorCode::PluginInUse,
+                format!(
+                    "{}@{} is attached to topic {topic} (plugin.on.produce); change that policy first",
+                    req.name, req.version
+                ),
+            ),
+        };
+    }
     PluginRemoveResponse {
         status: match broker.plugins().remove(&req.name, &req.version).await {
             Ok(()) => Status::ok(),
             Err((code, message)) => Status::err(code, message),
+        },
+    }
+}
+
+/// The outcome of a pipeline operation.
+pub fn pipeline_status(r: Result<(), crate::pipelines::PipelineError>) -> PipelineResponse {
+    PipelineResponse {
+        status: match r {
+            Ok(()) => Status::ok(),
+            Err((code, message)) => Status::err(code, message),
+        },
+    }
+}
+
+/// Pipelines and their progress.
+pub fn pipeline_list(
+    pipelines: &Pipelines,
+    req: PipelineListRequest,
+) -> Result<PipelineListResponse, (ErrorCode, String)> {
+    Ok(PipelineListResponse {
+        pipelines: pipelines.list(&req.name)?,
+    })
+}
+
+/// Changes settings of a live topic.
+pub async fn alter_topic(broker: &Broker, req: AlterTopicRequest) -> AlterTopicResponse {
+    AlterTopicResponse {
+        status: match broker.alter_topic(&req.name, &req.set, &req.reset).await {
+            Ok(()) => Status::ok(),
+            Err(e) => Status::err(e.code, e.message),
         },
     }
 }
@@ -235,6 +306,116 @@ fn batch_status(e: &BatchError, partition: u32) -> Status {
 /// Splits and validates the batches produced to one partition: zero-copy slices of the request,
 /// which the log writes as they are (it stamps offsets on its own copy of the first 16 bytes).
 /// Nothing is appended unless every batch is valid.
+/// A topic's produce-side policy, as a produce found it.
+struct Policy {
+    topic: quiver_proto::TopicName,
+    chain: String,
+    on_error: crate::topic_config::ErrorPolicy,
+    record_bytes_max: usize,
+}
+
+type Append =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<u64, PartitionError>> + Send>>;
+
+/// Runs a partition's produce-side chain over its batches and queues what it passes on.
+///
+/// The partition's chain is held from before the run until the output is queued, so batches
+/// reach the chain in the order they are appended (its keyed state sees the log's order).
+/// Dead-letter records are appended, and acknowledged, before the partition's own batches are
+/// queued: a produce is acknowledged only once its failed records are stored too. When the
+/// chain keeps nothing, nothing is appended and the answer's `base_offset` is the log end.
+async fn produce_with_policy(
+    broker: &Arc<Broker>,
+    part: Arc<Partition>,
+    batches: Vec<Bytes>,
+    policy: Policy,
+) -> Append {
+    let fail = |code, message: String| -> Append {
+        Box::pin(std::future::ready(Err(PartitionError { code, message })))
+    };
+    let id = part.id().0;
+    let slot = broker.policy_slot(&policy.topic, id);
+    let mut guard = slot.lock_owned().await;
+    let b = broker.clone();
+    let topic = policy.topic.to_string();
+    let on_error = policy.on_error.clone();
+    let chain_text = policy.chain.clone();
+    let run = tokio::task::spawn_blocking(move || {
+        let registry = b.plugins();
+        let stale = guard.as_ref().is_none_or(|(text, _)| *text != chain_text);
+        if stale {
+            let spec = quiver_proto::messages::parse_chain(&chain_text)
+                .map_err(|e| (ErrorCode::InvalidConfig, e))?;
+            *guard = None;
+            *guard = Some((chain_text, RunningChain::start(registry, &spec)?));
+        }
+        let (_, running) = guard.as_mut().expect("started above");
+        let source = crate::chains::Source {
+            topic: &topic,
+            partition: id,
+        };
+        let out = crate::chains::apply_policy(running, registry, &batches, &source, &on_error);
+        Ok::<_, (ErrorCode, String)>((guard, out?))
+    })
+    .await;
+    let (guard, out) = match run {
+        Ok(Ok(v)) => v,
+        Ok(Err((code, message))) => return fail(code, format!("partition {id}: {message}")),
+        Err(e) => return fail(ErrorCode::Unknown, e.to_string()),
+    };
+    if out.failed > 0 || out.dropped > 0 {
+        tracing::debug!(topic = %policy.topic, partition = id, failed = out.failed, dropped = out.dropped, "produce-side policy");
+    }
+    // Output a transform made is checked like a producer's batch before it is stored.
+    let limits = BatchLimits {
+        record_bytes_max: policy.record_bytes_max,
+        batch_bytes_max: usize::MAX,
+    };
+    for batch in &out.batches {
+        if let Err(e) = validate_batch(batch, &limits) {
+            return fail(
+                ErrorCode::PluginFailed,
+                format!("partition {id}: the chain's output is not storable: {e}"),
+            );
+        }
+    }
+    if let (Some(dlq), crate::topic_config::ErrorPolicy::Dlq(dlq_topic)) =
+        (out.dlq, &policy.on_error)
+    {
+        let stored = async {
+            let count = broker
+                .topic(dlq_topic)
+                .map(|t| t.config.partitions)
+                .ok_or_else(|| PartitionError {
+                    code: ErrorCode::UnknownTopicOrPartition,
+                    message: format!("dead-letter topic {dlq_topic} does not exist"),
+                })?;
+            let dlq_part = broker.partition(dlq_topic, id % count)?;
+            dlq_part.enqueue(vec![dlq]).await?.await
+        };
+        if let Err(e) = stored.await {
+            return fail(
+                e.code,
+                format!(
+                    "partition {id}: failed records could not be stored in {dlq_topic}: {}",
+                    e.message
+                ),
+            );
+        }
+    }
+    if out.batches.is_empty() {
+        drop(guard);
+        let end = part.state().map(|s| s.log_end_offset).unwrap_or(0);
+        return Box::pin(std::future::ready(Ok(end)));
+    }
+    let queued = part.enqueue(out.batches).await;
+    drop(guard);
+    match queued {
+        Ok(wait) => Box::pin(wait),
+        Err(e) => Box::pin(std::future::ready(Err(e))),
+    }
+}
+
 fn prepare_batches(
     records: &Bytes,
     partition: &Partition,
@@ -267,7 +448,7 @@ fn prepare_batches(
 /// connection's produce order, all of them are queued to their partitions; then the outcomes
 /// are awaited.
 pub async fn produce(
-    broker: &Broker,
+    broker: &Arc<Broker>,
     limits: &HandlerLimits,
     req: ProduceRequest,
     turn: Option<Turn>,
@@ -277,17 +458,26 @@ pub async fn produce(
     let mut shape = Vec::with_capacity(req.topics.len());
     for t in req.topics {
         let mut parts = Vec::with_capacity(t.partitions.len());
+        let topic = broker.topic(&t.name);
         for p in t.partitions {
             let checked = broker
                 .partition(&t.name, p.partition)
                 .map_err(|e| status_of(&e))
                 .and_then(|part| {
-                    let record_max = broker
-                        .topic(&t.name)
+                    let record_max = topic
+                        .as_ref()
                         .map(|t| t.config.max_record_bytes as usize)
                         .unwrap_or(0);
+                    let policy = topic.as_ref().and_then(|t| {
+                        (!t.config.on_produce.is_empty()).then(|| Policy {
+                            topic: part.topic().clone(),
+                            chain: t.config.on_produce.clone(),
+                            on_error: t.config.on_error.clone(),
+                            record_bytes_max: record_max,
+                        })
+                    });
                     prepare_batches(&p.records, &part, record_max, limits.request_bytes_max)
-                        .map(|batches| (part, batches))
+                        .map(|batches| (part, batches, policy))
                 });
             match checked {
                 Ok(work) => {
@@ -301,17 +491,18 @@ pub async fn produce(
     }
     // Queue in the producer's order; the turn is released as soon as everything is queued,
     // so the next request's appends can queue up behind these while they complete.
-    let mut pending = Vec::with_capacity(prepared.len());
-    for (part, batches) in prepared {
-        pending.push(part.enqueue(batches).await);
+    let mut pending: Vec<Append> = Vec::with_capacity(prepared.len());
+    for (part, batches, policy) in prepared {
+        match policy {
+            None => pending.push(match part.enqueue(batches).await {
+                Ok(wait) => Box::pin(wait),
+                Err(e) => Box::pin(std::future::ready(Err(e))),
+            }),
+            Some(policy) => pending.push(produce_with_policy(broker, part, batches, policy).await),
+        }
     }
     drop(turn);
-    let waits = pending.into_iter().map(|p| async move {
-        match p {
-            Ok(wait) => wait.await,
-            Err(e) => Err(e),
-        }
-    });
+    let waits = pending;
     let appended = tokio::time::timeout(deadline, join_all(waits)).await;
     let response = ProduceResponse {
         topics: shape

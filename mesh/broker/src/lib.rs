@@ -7,6 +7,7 @@
 //! - [`order`] keeps a connection's pipelined produce requests in the producer's order.
 //! - [`plugins`] is the registry of deployed Wasm components; [`chains`] runs plugin chains
 //!   over stored batches (consumer-side filtering).
+//! - [`pipelines`] runs pipelines: derived topics made by a plugin chain per input partition.
 //! - [`catalog`] persists topics in `sled`; [`topic_config`] validates topic settings.
 //! - [`cli`] is the command line (server, client commands, perf tool).
 #![forbid(unsafe_code)]
@@ -20,6 +21,7 @@ pub mod handlers;
 pub mod node;
 pub mod order;
 pub mod partition;
+pub mod pipelines;
 pub mod plugins;
 pub mod topic_config;
 

@@ -26,6 +26,7 @@ use crate::chains::ConnectionChains;
 use crate::config::BrokerConfig;
 use crate::handlers::{self, HandlerLimits};
 use crate::order::{ProduceOrder, Turn};
+use crate::pipelines::Pipelines;
 
 /// QUIC application close code sent to clients when the node shuts down.
 pub const CLOSE_SHUTDOWN: u32 = 1;
@@ -39,6 +40,7 @@ const FETCH_CHAINS_PER_CONNECTION_MAX: usize = 64;
 
 struct Shared {
     broker: Arc<Broker>,
+    pipelines: Arc<Pipelines>,
     limits: HandlerLimits,
     advertised: String,
     request_read: Duration,
@@ -102,8 +104,10 @@ impl Node {
             .advertised_addr
             .clone()
             .unwrap_or_else(|| local_addr.to_string());
+        let pipelines = Pipelines::open(broker.clone(), broker.catalog())?;
         let shared = Arc::new(Shared {
             broker,
+            pipelines,
             limits: HandlerLimits {
                 request_bytes_max: config.request_bytes_max,
                 fetch_wait_ms_max: config.fetch_wait_ms_max,
@@ -170,6 +174,13 @@ impl Node {
             .is_err()
         {
             tracing::warn!("in-flight requests still running after the grace period");
+        }
+        // Pipelines finish the batch in hand and commit it.
+        if tokio::time::timeout(self.grace, self.shared.pipelines.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!("pipelines still running after the grace period");
         }
         self.shared.broker.close().await;
         self.server
@@ -514,12 +525,15 @@ async fn dispatch(
             decode(body)?,
         )),
         ApiKey::CreateTopics => one(&handlers::create_topics(broker, decode(body)?).await),
-        ApiKey::DeleteTopics => one(&handlers::delete_topics(broker, decode(body)?).await),
+        ApiKey::DeleteTopics => {
+            one(&handlers::delete_topics(broker, &shared.pipelines, decode(body)?).await)
+        }
         ApiKey::ListTopics => {
             decode::<ListTopicsRequest>(body)?;
             one(&handlers::list_topics(broker))
         }
         ApiKey::DescribeTopics => one(&handlers::describe_topics(broker, decode(body)?).await),
+        ApiKey::AlterTopic => one(&handlers::alter_topic(broker, decode(body)?).await),
         // A produce body shorter than its fixed fields (otherwise handled above).
         ApiKey::Produce => handlers::produce(broker, &shared.limits, decode(body)?, None)
             .await
@@ -558,7 +572,28 @@ async fn dispatch(
         ApiKey::ListOffsets => one(&handlers::list_offsets(broker, decode(body)?).await),
         ApiKey::PluginDeploy => one(&handlers::plugin_deploy(broker, decode(body)?).await),
         ApiKey::PluginList => one(&handlers::plugin_list(broker, decode(body)?)?),
-        ApiKey::PluginRemove => one(&handlers::plugin_remove(broker, decode(body)?).await),
+        ApiKey::PluginRemove => {
+            one(&handlers::plugin_remove(broker, &shared.pipelines, decode(body)?).await)
+        }
+        ApiKey::PipelineCreate => {
+            let req: PipelineCreateRequest = decode(body)?;
+            one(&handlers::pipeline_status(
+                shared.pipelines.create(&req.spec).await,
+            ))
+        }
+        ApiKey::PipelineList => one(&handlers::pipeline_list(&shared.pipelines, decode(body)?)?),
+        ApiKey::PipelineControl => {
+            let req: PipelineControlRequest = decode(body)?;
+            one(&handlers::pipeline_status(
+                shared.pipelines.control(&req.name, req.pause).await,
+            ))
+        }
+        ApiKey::PipelineDelete => {
+            let req: PipelineDeleteRequest = decode(body)?;
+            one(&handlers::pipeline_status(
+                shared.pipelines.delete(&req.name).await,
+            ))
+        }
         ApiKey::TransportProbe => {
             probe(shared, decode(body)?, recv, send).await?;
             None

@@ -333,6 +333,14 @@ async fn appender(
                 }));
                 continue;
             }
+            // A tick that came while an fsync was running found nothing to do; when that fsync
+            // ends, go round again so data appended meanwhile is fsynced at the next tick,
+            // even if no other produce arrives.
+            _ = async { if let Some(b) = background.as_mut() { let _ = b.await; } },
+                if background.as_ref().is_some_and(|b| !b.is_finished()) => {
+                background = None;
+                continue;
+            }
             _ = closing.cancelled(), if !closed => {
                 // Refuse new work but answer what is already queued.
                 rx.close();

@@ -178,22 +178,29 @@ impl Registry {
         })
     }
 
+    /// The version a chain step names, checked deployed: the step's own, or the highest
+    /// deployed when it names none. Does not load the component.
+    pub fn deployed_version(&self, step: &ChainStep) -> Result<String, RegistryError> {
+        if step.version.is_empty() {
+            return match self.list(&step.plugin)?.pop() {
+                Some(p) => Ok(p.version),
+                None => Err((
+                    ErrorCode::PluginNotFound,
+                    format!("no plugin {} is deployed", step.plugin),
+                )),
+            };
+        }
+        let key = format!("{}@{}", step.plugin, step.version);
+        match self.entry(&key)? {
+            Some(_) => Ok(step.version.clone()),
+            None => Err((ErrorCode::PluginNotFound, format!("no plugin {key}"))),
+        }
+    }
+
     /// Finds the version a chain step names (the highest deployed when it names none) and
     /// its compiled component. Blocking: the first use of a component loads it from disk.
     pub fn resolve(&self, step: &ChainStep) -> Result<Resolved, RegistryError> {
-        let version = if step.version.is_empty() {
-            match self.list(&step.plugin)?.pop() {
-                Some(p) => p.version,
-                None => {
-                    return Err((
-                        ErrorCode::PluginNotFound,
-                        format!("no plugin {} is deployed", step.plugin),
-                    ));
-                }
-            }
-        } else {
-            step.version.clone()
-        };
+        let version = self.deployed_version(step)?;
         let key = format!("{}@{version}", step.plugin);
         let Some(entry) = self.entry(&key)? else {
             return Err((ErrorCode::PluginNotFound, format!("no plugin {key}")));

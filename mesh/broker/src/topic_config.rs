@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use quiver_log::LogConfig;
-use quiver_proto::messages::config_keys as keys;
+use quiver_proto::messages::{ChainStep, config_keys as keys, format_chain, parse_chain};
 use serde::{Deserialize, Serialize};
 
 /// Largest record a topic may allow, bytes (bounded by the request frame limit).
@@ -40,6 +40,66 @@ pub struct TopicConfig {
     pub flush_interval_ms: u64,
     /// `max.record.bytes`.
     pub max_record_bytes: u64,
+    /// `plugin.on.produce`: the produce-side chain in canonical text form; empty for none.
+    #[serde(default)]
+    pub on_produce: String,
+    /// `plugin.on.error`.
+    #[serde(default)]
+    pub on_error: ErrorPolicy,
+}
+
+/// What a plugin attachment does with records its chain fails (and with a whole batch when a
+/// plugin itself fails on it: trap, timeout, out of memory, invalid output).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorPolicy {
+    /// Refuse the produce (the partition answers `plugin_failed`, naming the record).
+    #[default]
+    Fail,
+    /// Drop the failed records and store the rest.
+    Skip,
+    /// Write the failed records, unchanged, to this topic with headers naming the plugin, the
+    /// error and the source; store the rest.
+    Dlq(String),
+}
+
+impl std::fmt::Display for ErrorPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ErrorPolicy::Fail => f.write_str("fail"),
+            ErrorPolicy::Skip => f.write_str("skip"),
+            ErrorPolicy::Dlq(t) => write!(f, "dlq:{t}"),
+        }
+    }
+}
+
+impl std::str::FromStr for ErrorPolicy {
+    type Err = String;
+    fn from_str(v: &str) -> Result<Self, String> {
+        match v {
+            "fail" => Ok(ErrorPolicy::Fail),
+            "skip" => Ok(ErrorPolicy::Skip),
+            _ => match v.strip_prefix("dlq:") {
+                Some(t) => quiver_proto::TopicName::new(t)
+                    .map(|_| ErrorPolicy::Dlq(t.to_string()))
+                    .map_err(|e| format!("dlq topic {t:?}: {e}")),
+                None => Err(format!(
+                    "{v:?} is not an error policy; expected fail, skip or dlq:TOPIC"
+                )),
+            },
+        }
+    }
+}
+
+/// Parses and checks a chain's text form (names and versions well formed).
+pub fn check_chain_text(text: &str) -> Result<Vec<ChainStep>, String> {
+    let chain = parse_chain(text)?;
+    for s in &chain {
+        crate::plugins::check_name(&s.plugin)?;
+        if !s.version.is_empty() {
+            crate::plugins::check_version(&s.version)?;
+        }
+    }
+    Ok(chain)
 }
 
 impl TopicConfig {
@@ -54,7 +114,16 @@ impl TopicConfig {
             flush_policy: FlushPolicy::Interval,
             flush_interval_ms: 1000,
             max_record_bytes: 4 << 20,
+            on_produce: String::new(),
+            on_error: ErrorPolicy::Fail,
         }
+    }
+
+    /// The produce-side chain (empty for none).
+    pub fn produce_chain(&self) -> Vec<ChainStep> {
+        // Checked when set; a catalog edited by hand that no longer parses runs no chain
+        // rather than failing every produce.
+        parse_chain(&self.on_produce).unwrap_or_default()
     }
 
     /// Applies `key=value` settings on top of `self`, validating each.
@@ -90,6 +159,13 @@ impl TopicConfig {
                     self.max_record_bytes =
                         within(k, int(v)?, 1, MAX_RECORD_BYTES_CEILING as i64)? as u64;
                 }
+                keys::PLUGIN_ON_PRODUCE => {
+                    let chain = check_chain_text(v).map_err(|e| format!("{k}: {e}"))?;
+                    self.on_produce = format_chain(&chain);
+                }
+                keys::PLUGIN_ON_ERROR => {
+                    self.on_error = v.parse().map_err(|e| format!("{k}: {e}"))?;
+                }
                 other => {
                     return Err(format!(
                         "unknown setting {other:?}; known: {}",
@@ -115,6 +191,8 @@ impl TopicConfig {
             (keys::FLUSH_POLICY, policy.to_string()),
             (keys::FLUSH_INTERVAL_MS, self.flush_interval_ms.to_string()),
             (keys::MAX_RECORD_BYTES, self.max_record_bytes.to_string()),
+            (keys::PLUGIN_ON_PRODUCE, self.on_produce.clone()),
+            (keys::PLUGIN_ON_ERROR, self.on_error.to_string()),
         ]
         .into_iter()
         .collect();
@@ -167,8 +245,19 @@ mod tests {
             ("retention.ms", "60000"),
             ("flush.policy", "batch"),
             ("max.record.bytes", "2097152"),
+            (
+                "plugin.on.produce",
+                "redact@1.0.0   fields=ssn|filter-json field=a op=exists",
+            ),
+            ("plugin.on.error", "dlq:bad-records"),
         ]))
         .unwrap();
+        assert_eq!(
+            c.on_produce,
+            "redact@1.0.0 fields=ssn | filter-json field=a op=exists"
+        );
+        assert_eq!(c.produce_chain().len(), 2);
+        assert_eq!(c.on_error, ErrorPolicy::Dlq("bad-records".into()));
         assert_eq!(c.retention_ms, 60_000);
         assert_eq!(c.flush_policy, FlushPolicy::Batch);
         let rendered = c.to_pairs();
@@ -188,6 +277,12 @@ mod tests {
             ("flush.policy", "sometimes"),
             ("max.record.bytes", "999999999999"),
             ("colour", "blue"),
+            ("plugin.on.produce", "Bad-Name"),
+            ("plugin.on.produce", "redact@1"),
+            ("plugin.on.produce", "redact |"),
+            ("plugin.on.error", "ignore"),
+            ("plugin.on.error", "dlq:"),
+            ("plugin.on.error", "dlq:bad name"),
         ] {
             assert!(c.apply(&pairs(&[bad])).is_err(), "{bad:?} accepted");
         }

@@ -36,9 +36,10 @@ use quiver_client::{
 use quiver_proto::batch::CRC_START;
 use quiver_proto::codec::Reader;
 use quiver_proto::messages::{
-    Acks, ApiVersionsRequest, ApiVersionsResponse, CreateTopicsRequest, DeleteTopicsRequest,
-    DescribeTopicsRequest, FetchPartition, FetchRequest, FetchResponse, FetchTopic,
-    LATEST_TIMESTAMP, ListOffsetsRequest, ListTopicsRequest, Message, MetadataRequest,
+    Acks, AlterTopicRequest, ApiVersionsRequest, ApiVersionsResponse, CreateTopicsRequest,
+    DeleteTopicsRequest, DescribeTopicsRequest, FetchPartition, FetchRequest, FetchResponse,
+    FetchTopic, LATEST_TIMESTAMP, ListOffsetsRequest, ListTopicsRequest, Message, MetadataRequest,
+    PipelineControlRequest, PipelineCreateRequest, PipelineDeleteRequest, PipelineListRequest,
     PluginDeployRequest, PluginListRequest, PluginRemoveRequest, ProducePartition, ProduceRequest,
     ProduceResponse, ProduceTopic, Status, TransportProbeRequest,
 };
@@ -1110,12 +1111,17 @@ fn body_decodes(api: ApiKey, version: u16, body: Bytes) -> bool {
         ApiKey::DeleteTopics => DeleteTopicsRequest::from_bytes(body).is_ok(),
         ApiKey::ListTopics => ListTopicsRequest::from_bytes(body).is_ok(),
         ApiKey::DescribeTopics => DescribeTopicsRequest::from_bytes(body).is_ok(),
+        ApiKey::AlterTopic => AlterTopicRequest::from_bytes(body).is_ok(),
         ApiKey::Produce => ProduceRequest::from_bytes(body).is_ok(),
         ApiKey::Fetch => FetchRequest::from_bytes_version(body, version).is_ok(),
         ApiKey::ListOffsets => ListOffsetsRequest::from_bytes(body).is_ok(),
         ApiKey::PluginDeploy => PluginDeployRequest::from_bytes(body).is_ok(),
         ApiKey::PluginList => PluginListRequest::from_bytes(body).is_ok(),
         ApiKey::PluginRemove => PluginRemoveRequest::from_bytes(body).is_ok(),
+        ApiKey::PipelineCreate => PipelineCreateRequest::from_bytes(body).is_ok(),
+        ApiKey::PipelineList => PipelineListRequest::from_bytes(body).is_ok(),
+        ApiKey::PipelineControl => PipelineControlRequest::from_bytes(body).is_ok(),
+        ApiKey::PipelineDelete => PipelineDeleteRequest::from_bytes(body).is_ok(),
         ApiKey::TransportProbe => TransportProbeRequest::from_bytes(body).is_ok(),
     }
 }

@@ -733,6 +733,57 @@ fn plugin_commands_through_the_cli() {
         "--param needs a --plugin",
     );
 
+    // Produce-side: a topic policy keeps 1 record in 2 before they are stored.
+    ok(&q(&["topic", "create", "rejects"]));
+    ok(&q(&[
+        "topic",
+        "create",
+        "clean",
+        "--on-produce",
+        "sample@1.0.0 rate=2",
+        "--on-error",
+        "dlq:rejects",
+    ]));
+    let described = ok(&q(&["topic", "describe", "clean"]));
+    assert!(
+        described.contains("plugin.on.produce = sample@1.0.0 rate=2"),
+        "{described}"
+    );
+    assert!(
+        described.contains("plugin.on.error = dlq:rejects"),
+        "{described}"
+    );
+    ok(&quiver(
+        &server.addr,
+        &ca,
+        &["produce", "clean"],
+        Some("1\n2\n3\n4\n"),
+    ));
+    let consume_clean = || ok(&q(&["consume", "clean", "--from-beginning"]));
+    assert_eq!(consume_clean(), "1\n3\n");
+    fails_with(&q(&["plugin", "remove", "sample@1.0.0"]), "plugin_in_use");
+    fails_with(
+        &q(&["topic", "alter", "clean", "--on-produce", "sample@1 rate=2"]),
+        "--on-produce",
+    );
+    fails_with(
+        &q(&["topic", "alter", "clean", "--on-error", "ignore"]),
+        "--on-error",
+    );
+    fails_with(&q(&["topic", "alter", "clean"]), "nothing to change");
+    fails_with(
+        &q(&["topic", "alter", "clean", "--on-produce", "missing"]),
+        "plugin_not_found",
+    );
+    assert!(ok(&q(&["topic", "alter", "clean", "--clear-policy"])).contains("altered topic clean"));
+    ok(&quiver(
+        &server.addr,
+        &ca,
+        &["produce", "clean"],
+        Some("5\n6\n"),
+    ));
+    assert_eq!(consume_clean(), "1\n3\n5\n6\n");
+
     fails_with(
         &q(&[
             "plugin",

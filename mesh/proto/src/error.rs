@@ -58,6 +58,10 @@ pub enum ErrorCode {
     PluginFailed,
     /// The plugin version is attached (a topic policy, a pipeline or an open fetch chain).
     PluginInUse,
+    /// No pipeline with that name.
+    PipelineNotFound,
+    /// A pipeline with that name exists.
+    PipelineExists,
     /// A code this client does not know (from a newer server).
     Unrecognized(u16),
 }
@@ -92,6 +96,8 @@ impl ErrorCode {
             ErrorCode::InvalidPlugin => 62,
             ErrorCode::PluginFailed => 63,
             ErrorCode::PluginInUse => 64,
+            ErrorCode::PipelineNotFound => 70,
+            ErrorCode::PipelineExists => 71,
             ErrorCode::Unrecognized(c) => c,
         }
     }
@@ -125,6 +131,8 @@ impl ErrorCode {
             62 => ErrorCode::InvalidPlugin,
             63 => ErrorCode::PluginFailed,
             64 => ErrorCode::PluginInUse,
+            70 => ErrorCode::PipelineNotFound,
+            71 => ErrorCode::PipelineExists,
             c => ErrorCode::Unrecognized(c),
         }
     }
@@ -158,6 +166,8 @@ impl ErrorCode {
             ErrorCode::InvalidPlugin => "invalid_plugin",
             ErrorCode::PluginFailed => "plugin_failed",
             ErrorCode::PluginInUse => "plugin_in_use",
+            ErrorCode::PipelineNotFound => "pipeline_not_found",
+            ErrorCode::PipelineExists => "pipeline_exists",
             ErrorCode::Unrecognized(_) => "unrecognized",
         }
     }
@@ -202,6 +212,8 @@ impl ErrorCode {
         ErrorCode::InvalidPlugin,
         ErrorCode::PluginFailed,
         ErrorCode::PluginInUse,
+        ErrorCode::PipelineNotFound,
+        ErrorCode::PipelineExists,
     ];
 }
 

@@ -36,6 +36,8 @@ pub enum ApiKey {
     ListTopics,
     /// Topic settings and per-partition offsets.
     DescribeTopics,
+    /// Change settings of a live topic.
+    AlterTopic,
     /// Append record batches.
     Produce,
     /// Read record batches (long poll).
@@ -48,6 +50,14 @@ pub enum ApiKey {
     PluginList,
     /// Remove a deployed plugin version.
     PluginRemove,
+    /// Create a pipeline.
+    PipelineCreate,
+    /// Pipelines and their progress.
+    PipelineList,
+    /// Pause or resume a pipeline.
+    PipelineControl,
+    /// Delete a pipeline.
+    PipelineDelete,
     /// Raw stream throughput probe for `quiver perf transport` (not a data API).
     TransportProbe,
 }
@@ -61,12 +71,17 @@ impl ApiKey {
         ApiKey::DeleteTopics,
         ApiKey::ListTopics,
         ApiKey::DescribeTopics,
+        ApiKey::AlterTopic,
         ApiKey::Produce,
         ApiKey::Fetch,
         ApiKey::ListOffsets,
         ApiKey::PluginDeploy,
         ApiKey::PluginList,
         ApiKey::PluginRemove,
+        ApiKey::PipelineCreate,
+        ApiKey::PipelineList,
+        ApiKey::PipelineControl,
+        ApiKey::PipelineDelete,
         ApiKey::TransportProbe,
     ];
 
@@ -79,12 +94,17 @@ impl ApiKey {
             ApiKey::DeleteTopics => 3,
             ApiKey::ListTopics => 4,
             ApiKey::DescribeTopics => 5,
+            ApiKey::AlterTopic => 6,
             ApiKey::Produce => 10,
             ApiKey::Fetch => 11,
             ApiKey::ListOffsets => 12,
             ApiKey::PluginDeploy => 20,
             ApiKey::PluginList => 21,
             ApiKey::PluginRemove => 22,
+            ApiKey::PipelineCreate => 30,
+            ApiKey::PipelineList => 31,
+            ApiKey::PipelineControl => 32,
+            ApiKey::PipelineDelete => 33,
             ApiKey::TransportProbe => 90,
         }
     }

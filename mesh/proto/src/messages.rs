@@ -59,6 +59,12 @@ pub mod config_keys {
     pub const FLUSH_INTERVAL_MS: &str = "flush.interval.ms";
     /// Largest record accepted (encoded key + value + headers).
     pub const MAX_RECORD_BYTES: &str = "max.record.bytes";
+    /// Produce-side policy: a plugin chain (in the text form of
+    /// [`parse_chain`](super::parse_chain)) every produced batch runs through before it is
+    /// appended; empty for none.
+    pub const PLUGIN_ON_PRODUCE: &str = "plugin.on.produce";
+    /// What happens to records the produce-side chain fails: `fail`, `skip` or `dlq:TOPIC`.
+    pub const PLUGIN_ON_ERROR: &str = "plugin.on.error";
     /// Every key, in documentation order.
     pub const ALL: &[&str] = &[
         RETENTION_MS,
@@ -68,7 +74,11 @@ pub mod config_keys {
         FLUSH_POLICY,
         FLUSH_INTERVAL_MS,
         MAX_RECORD_BYTES,
+        PLUGIN_ON_PRODUCE,
+        PLUGIN_ON_ERROR,
     ];
+    /// Keys AlterTopic may change on a live topic.
+    pub const ALTERABLE: &[&str] = &[PLUGIN_ON_PRODUCE, PLUGIN_ON_ERROR];
 }
 
 fn put_configs(w: &mut Writer, configs: &[(String, String)]) {
@@ -412,6 +422,53 @@ impl Message for CreateTopicsResponse {
     fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
         Ok(Self {
             results: get_results(r)?,
+        })
+    }
+}
+
+/// Changes settings of a live topic (only [`config_keys::ALTERABLE`] keys).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AlterTopicRequest {
+    /// Topic name.
+    pub name: String,
+    /// Settings to set.
+    pub set: Vec<(String, String)>,
+    /// Settings to reset to their defaults.
+    pub reset: Vec<String>,
+}
+
+/// Outcome of an alter.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AlterTopicResponse {
+    /// `none`, `unknown_topic_or_partition`, `invalid_config`, `plugin_not_found`,
+    /// `storage_error`.
+    pub status: Status,
+}
+
+impl Message for AlterTopicRequest {
+    const API: ApiKey = ApiKey::AlterTopic;
+    fn encode(&self, w: &mut Writer) {
+        w.string(&self.name);
+        put_configs(w, &self.set);
+        put_vec(w, &self.reset, |w, k| w.string(k));
+    }
+    fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
+        Ok(Self {
+            name: r.string("name")?,
+            set: get_configs(r)?,
+            reset: get_vec(r, "reset", 2, |r| r.string("key"))?,
+        })
+    }
+}
+
+impl Message for AlterTopicResponse {
+    const API: ApiKey = ApiKey::AlterTopic;
+    fn encode(&self, w: &mut Writer) {
+        self.status.encode(w);
+    }
+    fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
+        Ok(Self {
+            status: Status::decode(r)?,
         })
     }
 }
@@ -891,6 +948,120 @@ pub(crate) fn get_chain(r: &mut Reader) -> Result<Vec<ChainStep>, DecodeError> {
     Ok(chain)
 }
 
+/// Parses a chain's text form, as topic settings and the CLI write it: steps separated by
+/// `|`, each `NAME[@VERSION]` followed by `KEY=VALUE` parameters separated by spaces. A value
+/// with spaces or `|` is written in double quotes, with `\"` and `\\` inside. Example:
+/// `filter-json@1.0.0 field=level op=eq value=error | redact fields=user,email`.
+pub fn parse_chain(text: &str) -> Result<Vec<ChainStep>, String> {
+    let mut steps = Vec::new();
+    let mut words: Vec<String> = Vec::new();
+    let mut word = String::new();
+    let mut in_word = false;
+    let mut chars = text.chars();
+    let finish_step = |words: &mut Vec<String>, steps: &mut Vec<ChainStep>| -> Result<(), String> {
+        let mut it = std::mem::take(words).into_iter();
+        let Some(head) = it.next() else {
+            return Err("an empty step".to_string());
+        };
+        let (plugin, version) = match head.split_once('@') {
+            Some((n, v)) if !v.is_empty() => (n.to_string(), v.to_string()),
+            Some(_) => return Err(format!("{head:?}: empty version after @")),
+            None => (head.clone(), String::new()),
+        };
+        if plugin.is_empty() || plugin.contains('=') {
+            return Err(format!("{head:?}: a step starts with NAME[@VERSION]"));
+        }
+        let mut params = Vec::new();
+        for kv in it {
+            match kv.split_once('=') {
+                Some((k, v)) if !k.is_empty() => params.push((k.to_string(), v.to_string())),
+                _ => return Err(format!("{kv:?}: expected KEY=VALUE")),
+            }
+        }
+        steps.push(ChainStep {
+            plugin,
+            version,
+            params,
+        });
+        Ok(())
+    };
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => {
+                in_word = true;
+                loop {
+                    match chars.next() {
+                        None => return Err("unterminated quote".to_string()),
+                        Some('"') => break,
+                        Some('\\') => match chars.next() {
+                            Some(e @ ('"' | '\\')) => word.push(e),
+                            _ => return Err("only \\\" and \\\\ are escapes".to_string()),
+                        },
+                        Some(x) => word.push(x),
+                    }
+                }
+            }
+            '|' => {
+                if in_word {
+                    words.push(std::mem::take(&mut word));
+                    in_word = false;
+                }
+                finish_step(&mut words, &mut steps)?;
+            }
+            c if c.is_whitespace() => {
+                if in_word {
+                    words.push(std::mem::take(&mut word));
+                    in_word = false;
+                }
+            }
+            c => {
+                in_word = true;
+                word.push(c);
+            }
+        }
+    }
+    if in_word {
+        words.push(word);
+    }
+    if !words.is_empty() || !steps.is_empty() {
+        finish_step(&mut words, &mut steps)?;
+    }
+    if steps.len() > CHAIN_STEPS_MAX {
+        return Err(format!("a chain has at most {CHAIN_STEPS_MAX} steps"));
+    }
+    Ok(steps)
+}
+
+/// The text form of a chain (parsed back by [`parse_chain`]).
+pub fn format_chain(chain: &[ChainStep]) -> String {
+    let quote = |s: &str| {
+        if !s.is_empty() && !s.chars().any(|c| c.is_whitespace() || c == '|' || c == '"') {
+            return s.to_string();
+        }
+        let mut q = String::from("\"");
+        for c in s.chars() {
+            if c == '"' || c == '\\' {
+                q.push('\\');
+            }
+            q.push(c);
+        }
+        q.push('"');
+        q
+    };
+    chain
+        .iter()
+        .map(|s| {
+            let mut t = s.to_string();
+            for (k, v) in &s.params {
+                t.push(' ');
+                t.push_str(&quote(&format!("{k}={v}")));
+            }
+            t
+        })
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
 /// Reads record batches; a long poll that waits up to `max_wait_ms` for `min_bytes`.
 ///
 /// Version 2 adds `chain`: plugins the node runs over the records before sending them
@@ -1278,6 +1449,227 @@ impl Message for TransportProbeResponse {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Pipelines
+
+/// A pipeline's definition.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PipelineSpec {
+    /// Name (`[a-z0-9_-]`, 1–64 bytes).
+    pub name: String,
+    /// Input topic.
+    pub from: String,
+    /// Output topics; records a transform does not route go to the first.
+    pub to: Vec<String>,
+    /// The chain, in text form ([`parse_chain`]).
+    pub chain: String,
+    /// `fail`, `skip` or `dlq:TOPIC`.
+    pub on_error: String,
+}
+
+fn put_pipeline_spec(w: &mut Writer, p: &PipelineSpec) {
+    w.string(&p.name);
+    w.string(&p.from);
+    put_vec(w, &p.to, |w, t| w.string(t));
+    w.string(&p.chain);
+    w.string(&p.on_error);
+}
+
+fn get_pipeline_spec(r: &mut Reader) -> Result<PipelineSpec, DecodeError> {
+    Ok(PipelineSpec {
+        name: r.string("name")?,
+        from: r.string("from")?,
+        to: get_vec(r, "to", 2, |r| r.string("topic"))?,
+        chain: r.string("chain")?,
+        on_error: r.string("on_error")?,
+    })
+}
+
+/// One input partition of a pipeline.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PipelinePartition {
+    /// Input partition.
+    pub partition: u32,
+    /// Next input offset to process (committed).
+    pub committed: u64,
+    /// The input partition's high watermark; lag = `high_watermark - committed`.
+    pub high_watermark: u64,
+    /// Records read since the node started.
+    pub records_in: u64,
+    /// Records written to output topics since the node started.
+    pub records_out: u64,
+    /// Records failed (skipped or dead-lettered) since the node started.
+    pub records_failed: u64,
+    /// `running`, `paused` or `failed: REASON`.
+    pub state: String,
+}
+
+/// A pipeline and its progress.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PipelineInfo {
+    /// Definition.
+    pub spec: PipelineSpec,
+    /// Paused by an operator.
+    pub paused: bool,
+    /// Per input partition.
+    pub partitions: Vec<PipelinePartition>,
+}
+
+/// Creates a pipeline; it starts at the earliest stored input offset.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PipelineCreateRequest {
+    /// Definition.
+    pub spec: PipelineSpec,
+}
+
+/// Outcome of a pipeline operation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PipelineResponse {
+    /// Outcome.
+    pub status: Status,
+}
+
+/// Pipelines: the one named, or all when `name` is empty.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PipelineListRequest {
+    /// Name, or empty.
+    pub name: String,
+}
+
+/// Pipelines by name.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PipelineListResponse {
+    /// Pipelines.
+    pub pipelines: Vec<PipelineInfo>,
+}
+
+/// Pauses (`pause` = true) or resumes a pipeline.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PipelineControlRequest {
+    /// Name.
+    pub name: String,
+    /// Pause (true) or resume (false).
+    pub pause: bool,
+}
+
+/// Deletes a pipeline (its output stays).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PipelineDeleteRequest {
+    /// Name.
+    pub name: String,
+}
+
+impl Message for PipelineCreateRequest {
+    const API: ApiKey = ApiKey::PipelineCreate;
+    fn encode(&self, w: &mut Writer) {
+        put_pipeline_spec(w, &self.spec);
+    }
+    fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
+        Ok(Self {
+            spec: get_pipeline_spec(r)?,
+        })
+    }
+}
+
+impl Message for PipelineResponse {
+    // The same body answers create, control and delete; the frame's api says which.
+    const API: ApiKey = ApiKey::PipelineCreate;
+    fn encode(&self, w: &mut Writer) {
+        self.status.encode(w);
+    }
+    fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
+        Ok(Self {
+            status: Status::decode(r)?,
+        })
+    }
+}
+
+impl Message for PipelineListRequest {
+    const API: ApiKey = ApiKey::PipelineList;
+    fn encode(&self, w: &mut Writer) {
+        w.string(&self.name);
+    }
+    fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
+        Ok(Self {
+            name: r.string("name")?,
+        })
+    }
+}
+
+impl Message for PipelineListResponse {
+    const API: ApiKey = ApiKey::PipelineList;
+    fn encode(&self, w: &mut Writer) {
+        put_vec(w, &self.pipelines, |w, p| {
+            put_pipeline_spec(w, &p.spec);
+            w.u8(u8::from(p.paused));
+            put_vec(w, &p.partitions, |w, q| {
+                w.u32(q.partition);
+                w.u64(q.committed);
+                w.u64(q.high_watermark);
+                w.u64(q.records_in);
+                w.u64(q.records_out);
+                w.u64(q.records_failed);
+                w.string(&q.state);
+            });
+        });
+    }
+    fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
+        Ok(Self {
+            pipelines: get_vec(r, "pipelines", 19, |r| {
+                Ok(PipelineInfo {
+                    spec: get_pipeline_spec(r)?,
+                    paused: match r.u8("paused")? {
+                        0 => false,
+                        1 => true,
+                        _ => return Err(DecodeError::Invalid("paused must be 0 or 1")),
+                    },
+                    partitions: get_vec(r, "partitions", 46, |r| {
+                        Ok(PipelinePartition {
+                            partition: r.u32("partition")?,
+                            committed: r.u64("committed")?,
+                            high_watermark: r.u64("high_watermark")?,
+                            records_in: r.u64("records_in")?,
+                            records_out: r.u64("records_out")?,
+                            records_failed: r.u64("records_failed")?,
+                            state: r.string("state")?,
+                        })
+                    })?,
+                })
+            })?,
+        })
+    }
+}
+
+impl Message for PipelineControlRequest {
+    const API: ApiKey = ApiKey::PipelineControl;
+    fn encode(&self, w: &mut Writer) {
+        w.string(&self.name);
+        w.u8(u8::from(self.pause));
+    }
+    fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
+        Ok(Self {
+            name: r.string("name")?,
+            pause: match r.u8("pause")? {
+                0 => false,
+                1 => true,
+                _ => return Err(DecodeError::Invalid("pause must be 0 or 1")),
+            },
+        })
+    }
+}
+
+impl Message for PipelineDeleteRequest {
+    const API: ApiKey = ApiKey::PipelineDelete;
+    fn encode(&self, w: &mut Writer) {
+        w.string(&self.name);
+    }
+    fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
+        Ok(Self {
+            name: r.string("name")?,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1360,6 +1752,39 @@ mod tests {
     }
 
     #[test]
+    fn chain_text_roundtrips_and_refuses_nonsense() {
+        let chain = parse_chain(
+            r#"filter-json@1.0.0 field=level op=eq value=error | redact "fields=a b|c" mask="x\"y\\z""#,
+        )
+        .unwrap();
+        assert_eq!(chain.len(), 2);
+        assert_eq!(chain[0].plugin, "filter-json");
+        assert_eq!(chain[0].version, "1.0.0");
+        assert_eq!(chain[0].params[2], ("value".into(), "error".into()));
+        assert_eq!(chain[1].version, "");
+        assert_eq!(chain[1].params[0], ("fields".into(), "a b|c".into()));
+        assert_eq!(chain[1].params[1], ("mask".into(), "x\"y\\z".into()));
+        assert_eq!(parse_chain(&format_chain(&chain)).unwrap(), chain);
+        assert_eq!(parse_chain("").unwrap(), vec![]);
+        assert_eq!(parse_chain("  ").unwrap(), vec![]);
+        for bad in [
+            "a |",
+            "| a",
+            "a || b",
+            "a@ x=1",
+            "a novalue",
+            "a =v",
+            "a \"open",
+            "k=v",
+            "a x=\"\\n\"",
+        ] {
+            assert!(parse_chain(bad).is_err(), "{bad:?}");
+        }
+        let long = ["p"; CHAIN_STEPS_MAX + 1].join(" | ");
+        assert!(parse_chain(&long).is_err());
+    }
+
+    #[test]
     fn chains_are_bounded() {
         let step = ChainStep {
             plugin: "p".into(),
@@ -1407,6 +1832,46 @@ mod tests {
         roundtrip(PluginListResponse {
             plugins: vec![info.clone(), info],
         });
+        roundtrip(AlterTopicRequest {
+            name: "t".into(),
+            set: vec![("plugin.on.error".into(), "skip".into())],
+            reset: vec!["plugin.on.produce".into()],
+        });
+        roundtrip(AlterTopicResponse {
+            status: Status::err(ErrorCode::InvalidConfig, "no"),
+        });
+        let spec = PipelineSpec {
+            name: "errors".into(),
+            from: "logs".into(),
+            to: vec!["errors".into(), "other".into()],
+            chain: "filter-json field=level op=eq value=error".into(),
+            on_error: "dlq:bad".into(),
+        };
+        roundtrip(PipelineCreateRequest { spec: spec.clone() });
+        roundtrip(PipelineResponse {
+            status: Status::err(ErrorCode::PipelineExists, "exists"),
+        });
+        roundtrip(PipelineListRequest { name: "".into() });
+        roundtrip(PipelineListResponse {
+            pipelines: vec![PipelineInfo {
+                spec,
+                paused: true,
+                partitions: vec![PipelinePartition {
+                    partition: 3,
+                    committed: 10,
+                    high_watermark: 12,
+                    records_in: 10,
+                    records_out: 4,
+                    records_failed: 1,
+                    state: "failed: boom".into(),
+                }],
+            }],
+        });
+        roundtrip(PipelineControlRequest {
+            name: "p".into(),
+            pause: true,
+        });
+        roundtrip(PipelineDeleteRequest { name: "p".into() });
         roundtrip(PluginRemoveRequest {
             name: "a".into(),
             version: "0.1.0".into(),

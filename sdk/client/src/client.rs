@@ -368,6 +368,79 @@ impl Client {
         first_result(r.results)
     }
 
+    /// Changes settings of a live topic (the alterable ones: its plugin policy); `reset`
+    /// restores defaults.
+    pub async fn alter_topic(
+        &self,
+        name: &str,
+        set: &[(String, String)],
+        reset: &[String],
+    ) -> Result<(), ClientError> {
+        let resp: AlterTopicResponse = self
+            .request(
+                &AlterTopicRequest {
+                    name: name.to_string(),
+                    set: set.to_vec(),
+                    reset: reset.to_vec(),
+                },
+                0,
+            )
+            .await?;
+        if resp.status.is_ok() {
+            Ok(())
+        } else {
+            Err(ClientError::server(&resp.status))
+        }
+    }
+
+    /// Creates a pipeline (it starts at once, from the earliest stored input offsets).
+    pub async fn create_pipeline(&self, spec: &PipelineSpec) -> Result<(), ClientError> {
+        let resp: PipelineResponse = self
+            .request_api(&PipelineCreateRequest { spec: spec.clone() })
+            .await?;
+        status_result(&resp.status)
+    }
+
+    /// Pipelines with their progress: the one named, or all when `name` is empty.
+    pub async fn list_pipelines(&self, name: &str) -> Result<Vec<PipelineInfo>, ClientError> {
+        let resp: PipelineListResponse = self
+            .request(
+                &PipelineListRequest {
+                    name: name.to_string(),
+                },
+                0,
+            )
+            .await?;
+        Ok(resp.pipelines)
+    }
+
+    /// Pauses (`true`) or resumes a pipeline.
+    pub async fn pause_pipeline(&self, name: &str, pause: bool) -> Result<(), ClientError> {
+        let resp: PipelineResponse = self
+            .request_api(&PipelineControlRequest {
+                name: name.to_string(),
+                pause,
+            })
+            .await?;
+        status_result(&resp.status)
+    }
+
+    /// Deletes a pipeline and its progress (what it wrote stays).
+    pub async fn delete_pipeline(&self, name: &str) -> Result<(), ClientError> {
+        let resp: PipelineResponse = self
+            .request_api(&PipelineDeleteRequest {
+                name: name.to_string(),
+            })
+            .await?;
+        status_result(&resp.status)
+    }
+
+    /// A request whose response body is a [`PipelineResponse`] (shared by several APIs: the
+    /// frame names the API, the body type does not).
+    async fn request_api<Req: Message>(&self, req: &Req) -> Result<PipelineResponse, ClientError> {
+        self.request::<Req, PipelineResponse>(req, 0).await
+    }
+
     /// Deploys a plugin component as `name@version`; `true` when stored now, `false` when
     /// the same bytes were already deployed. Retried like a read: a deploy is idempotent.
     /// Compiling a large component can take seconds, so the wait is longer than usual.
@@ -522,4 +595,12 @@ fn request_chunks<Req: Message>(req: &Req, id: u64) -> Vec<Bytes> {
     chunks.push(frame_prefix(Req::API.code(), Req::VERSION, id, len));
     chunks.extend(body);
     chunks
+}
+
+fn status_result(status: &Status) -> Result<(), ClientError> {
+    if status.is_ok() {
+        Ok(())
+    } else {
+        Err(ClientError::server(status))
+    }
 }

@@ -22,6 +22,8 @@ pub enum TopicCommand {
     List(ListArgs),
     /// Show a topic's settings and partition offsets.
     Describe(NameArgs),
+    /// Change a live topic's plugin policy.
+    Alter(AlterArgs),
     /// Delete a topic and its data.
     Delete(NameArgs),
 }
@@ -68,9 +70,60 @@ pub struct CreateArgs {
     /// Largest record accepted (bytes).
     #[arg(long)]
     max_record_bytes: Option<u64>,
+    #[command(flatten)]
+    policy: PolicyArgs,
     /// Any topic setting as KEY=VALUE (repeatable).
     #[arg(long = "config", value_parser = parse_kv)]
     configs: Vec<(String, String)>,
+    #[command(flatten)]
+    connect: ConnectArgs,
+}
+
+/// A topic's produce-side plugin policy.
+#[derive(Debug, Args)]
+pub struct PolicyArgs {
+    /// Plugins every produced batch runs through before it is stored, as one string: steps
+    /// separated by '|', each NAME[@VERSION] then KEY=VALUE parameters, e.g.
+    /// 'redact fields=ssn | filter-json field=level op=ne value=debug'.
+    #[arg(long, value_name = "CHAIN")]
+    on_produce: Option<String>,
+    /// What happens to records the chain fails: fail (refuse the produce, naming the record),
+    /// skip (drop them) or dlq:TOPIC (store them, unchanged, in TOPIC with headers naming the
+    /// plugin, the error and the source).
+    #[arg(long, value_name = "fail|skip|dlq:TOPIC")]
+    on_error: Option<String>,
+}
+
+impl PolicyArgs {
+    /// The settings to send; the chain is checked here so a typo fails before the request.
+    fn configs(&self) -> anyhow::Result<Vec<(String, String)>> {
+        let mut out = Vec::new();
+        if let Some(c) = &self.on_produce {
+            let chain = crate::topic_config::check_chain_text(c)
+                .map_err(|e| anyhow::anyhow!("--on-produce: {e}"))?;
+            out.push((
+                keys::PLUGIN_ON_PRODUCE.to_string(),
+                quiver_proto::messages::format_chain(&chain),
+            ));
+        }
+        if let Some(p) = &self.on_error {
+            p.parse::<crate::topic_config::ErrorPolicy>()
+                .map_err(|e| anyhow::anyhow!("--on-error: {e}"))?;
+            out.push((keys::PLUGIN_ON_ERROR.to_string(), p.clone()));
+        }
+        Ok(out)
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct AlterArgs {
+    /// Topic name.
+    name: String,
+    #[command(flatten)]
+    policy: PolicyArgs,
+    /// Remove the produce-side chain (and reset --on-error to fail).
+    #[arg(long, conflicts_with_all = ["on_produce", "on_error"])]
+    clear_policy: bool,
     #[command(flatten)]
     connect: ConnectArgs,
 }
@@ -197,6 +250,7 @@ pub async fn topic(cmd: TopicCommand) -> anyhow::Result<ExitCode> {
                 keys::MAX_RECORD_BYTES,
                 a.max_record_bytes.map(|v| v.to_string()),
             );
+            configs.extend(a.policy.configs()?);
             configs.extend(a.configs);
             let client = a.connect.connect().await?;
             client.create_topic(&a.name, a.partitions, &configs).await?;
@@ -204,6 +258,23 @@ pub async fn topic(cmd: TopicCommand) -> anyhow::Result<ExitCode> {
                 "created topic {} with {} partition(s)",
                 a.name, a.partitions
             );
+        }
+        TopicCommand::Alter(a) => {
+            let set = a.policy.configs()?;
+            let reset: Vec<String> = if a.clear_policy {
+                vec![
+                    keys::PLUGIN_ON_PRODUCE.to_string(),
+                    keys::PLUGIN_ON_ERROR.to_string(),
+                ]
+            } else {
+                Vec::new()
+            };
+            if set.is_empty() && reset.is_empty() {
+                anyhow::bail!("nothing to change: give --on-produce, --on-error or --clear-policy");
+            }
+            let client = a.connect.connect().await?;
+            client.alter_topic(&a.name, &set, &reset).await?;
+            println!("altered topic {}", a.name);
         }
         TopicCommand::List(a) => {
             let client = a.connect.connect().await?;

@@ -3,6 +3,7 @@
 
 mod client_cmds;
 pub mod perf;
+mod pipeline_cmds;
 mod plugin_cmds;
 
 use std::net::SocketAddr;
@@ -37,6 +38,9 @@ enum Command {
     /// Deploy, list, describe and remove Wasm plugins.
     #[command(subcommand)]
     Plugin(plugin_cmds::PluginCommand),
+    /// Create, inspect, pause, resume and delete pipelines (derived topics).
+    #[command(subcommand)]
+    Pipeline(pipeline_cmds::PipelineCommand),
     /// Load generator: throughput and latency next to the raw QUIC ceiling.
     #[command(subcommand)]
     Perf(perf::PerfCommand),
@@ -139,6 +143,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Produce(args) => client_cmds::produce(args).await,
         Command::Consume(args) => client_cmds::consume(args).await,
         Command::Plugin(cmd) => plugin_cmds::plugin(cmd).await,
+        Command::Pipeline(cmd) => pipeline_cmds::pipeline(cmd).await,
         Command::Perf(cmd) => perf::run(cmd).await,
     }
 }

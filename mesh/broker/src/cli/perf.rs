@@ -118,6 +118,33 @@ struct ProducerArgs {
     /// Time one in this many records' acknowledgement.
     #[arg(long, default_value_t = 64)]
     latency_sample: u64,
+    /// Values: random bytes, or JSON log lines padded to --record-bytes
+    /// (`{"seq":N,"level":"error|warn|info|debug","user":"uN","pad":"..."}`, levels in turn),
+    /// for benchmarks with JSON plugins.
+    #[arg(long, value_enum, default_value = "random")]
+    values: ValueKind,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ValueKind {
+    Random,
+    Json,
+}
+
+/// A JSON log line for record `seq`, padded to `bytes` when it is shorter.
+fn json_value(seq: u64, bytes: usize) -> Bytes {
+    const LEVELS: [&str; 4] = ["error", "warn", "info", "debug"];
+    let level = LEVELS[(seq % 4) as usize];
+    let head = format!(
+        r#"{{"seq":{seq},"level":"{level}","user":"u{}","pad":""#,
+        seq % 10_000
+    );
+    let pad = bytes.saturating_sub(head.len() + 2);
+    let mut v = Vec::with_capacity(head.len() + pad + 2);
+    v.extend_from_slice(head.as_bytes());
+    v.resize(head.len() + pad, b'x');
+    v.extend_from_slice(b"\"}");
+    Bytes::from(v)
 }
 
 #[derive(Debug, Args)]
@@ -305,6 +332,9 @@ async fn drive_producers(
                 }
                 let off = (rng.next() as usize) % (pool.len() - p.record_bytes.min(pool.len()) + 1);
                 let value = match stamp {
+                    _ if matches!(p.values, ValueKind::Json) => {
+                        json_value(i as u64 * per_producer + sent, p.record_bytes)
+                    }
                     Some(origin) if p.record_bytes >= 8 => {
                         let mut v = pool.slice(off..off + p.record_bytes).to_vec();
                         let us = origin.elapsed().as_micros() as u64;
@@ -442,7 +472,7 @@ async fn consume(a: ConsumeArgs) -> anyhow::Result<()> {
     let filtered = !chain.is_empty();
     let client = connect(&a.common).await?;
     let mut consumer = Consumer::new(
-        client,
+        client.clone(),
         &a.common.topic,
         None,
         ConsumerConfig {
@@ -496,6 +526,8 @@ async fn consume(a: ConsumeArgs) -> anyhow::Result<()> {
             .sum::<u64>();
     }
     let secs = started.elapsed().as_secs_f64();
+    // Let the node release this connection's chains at once.
+    client.close().await;
     let read = if filtered {
         scanned(&consumer)
     } else {
@@ -519,6 +551,9 @@ async fn consume(a: ConsumeArgs) -> anyhow::Result<()> {
 }
 
 async fn e2e(a: E2eArgs) -> anyhow::Result<()> {
+    if matches!(a.producer.values, ValueKind::Json) {
+        anyhow::bail!("--values json is for perf produce; e2e stamps the send time in the value");
+    }
     if a.producer.record_bytes < 8 {
         anyhow::bail!(
             "--record-bytes must be at least 8 for e2e (the send time travels in the value)"
