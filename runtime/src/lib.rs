@@ -523,6 +523,12 @@ impl Instance {
         &self.report
     }
 
+    /// Takes the logs of the last call (and of `init`), leaving none: for shipping them
+    /// exactly once.
+    pub fn take_report(&mut self) -> CallReport {
+        std::mem::take(&mut self.report)
+    }
+
     /// Metrics the guest reported so far (kept across rebuilds).
     pub fn metrics(&self) -> Vec<(String, MetricValue)> {
         let map = match &self.live {
@@ -974,6 +980,16 @@ impl Chain {
     /// The instances, in order.
     pub fn steps(&self) -> &[Instance] {
         &self.steps
+    }
+
+    /// Takes every step's logs since the last take: (step, report) for steps that logged.
+    pub fn take_reports(&mut self) -> Vec<(usize, CallReport)> {
+        self.steps
+            .iter_mut()
+            .enumerate()
+            .map(|(i, s)| (i, s.take_report()))
+            .filter(|(_, r)| !r.logs.is_empty() || r.logs_dropped > 0)
+            .collect()
     }
 
     /// Replaces step `i` by an instance of `plugin` with `config`, at a batch boundary: the

@@ -38,6 +38,7 @@ pub struct RunningChain {
     spec: Vec<ChainStep>,
     steps: Vec<Step>,
     chain: Chain,
+    context: String,
 }
 
 fn failed(key: &str, e: impl std::fmt::Display) -> RegistryError {
@@ -45,8 +46,13 @@ fn failed(key: &str, e: impl std::fmt::Display) -> RegistryError {
 }
 
 impl RunningChain {
-    /// Resolves and starts every step. Blocking (loading and `init`).
-    pub fn start(registry: &Registry, spec: &[ChainStep]) -> Result<Self, RegistryError> {
+    /// Resolves and starts every step. Blocking (loading and `init`). `context` says where
+    /// it runs, for its log lines (`fetch TOPIC/P`, ...).
+    pub fn start(
+        registry: &Registry,
+        spec: &[ChainStep],
+        context: String,
+    ) -> Result<Self, RegistryError> {
         if spec.is_empty() {
             return Err((ErrorCode::InvalidRequest, "an empty plugin chain".into()));
         }
@@ -70,11 +76,16 @@ impl RunningChain {
             });
             instances.push(instance);
         }
-        let chain = Chain::new(instances).map_err(|e| failed("chain", e))?;
+        let mut chain = Chain::new(instances).map_err(|e| failed("chain", e))?;
+        // What `init` logged.
+        for (i, report) in chain.take_reports() {
+            registry.ship_logs(&steps[i].key, &context, report);
+        }
         Ok(Self {
             spec: spec.to_vec(),
             steps,
             chain,
+            context,
         })
     }
 
@@ -113,6 +124,7 @@ impl RunningChain {
             {
                 Ok(()) => {
                     tracing::info!(from = %self.steps[i].key, to = %r.key, "plugin version swapped in");
+                    self.ship_logs(registry);
                     self.steps[i] = Step {
                         sha256: r.plugin.sha256().to_string(),
                         counters: registry.counters(&r.key),
@@ -137,17 +149,23 @@ impl RunningChain {
         self.steps[i].last = now;
     }
 
-    /// Runs one batch through the chain.
-    pub fn run(&mut self, batch: &ColumnarBatch) -> Result<ChainOutcome, RegistryError> {
+    fn ship_logs(&mut self, registry: &Registry) {
+        for (i, report) in self.chain.take_reports() {
+            registry.ship_logs(&self.steps[i].key, &self.context, report);
+        }
+    }
+
+    /// Runs one batch through the chain; what the guests logged goes to the log topic.
+    pub fn run(
+        &mut self,
+        registry: &Registry,
+        batch: &ColumnarBatch,
+    ) -> Result<ChainOutcome, RegistryError> {
         let result = self.chain.run(batch);
         for i in 0..self.steps.len() {
             self.account(i);
         }
-        for (i, instance) in self.chain.steps().iter().enumerate() {
-            for line in &instance.report().logs {
-                tracing::debug!(plugin = %self.steps[i].key, level = ?line.level, message = %line.message, "plugin log");
-            }
-        }
+        self.ship_logs(registry);
         result.map_err(|(step, e)| failed(&self.steps[step].key, e))
     }
 }
@@ -191,7 +209,7 @@ pub fn filter_stored(
         if input.is_empty() {
             continue;
         }
-        let outcome = chain.run(&input)?;
+        let outcome = chain.run(registry, &input)?;
         if !outcome.failures.is_empty() {
             tracing::debug!(
                 plugins = ?chain.keys().collect::<Vec<_>>(),
@@ -412,7 +430,7 @@ pub fn apply_policy(
                 dead_letter(&mut dlq, &input.view(i), &plugin, &reason, source, None);
             }
         };
-        let outcome = match chain.run(&input) {
+        let outcome = match chain.run(registry, &input) {
             Ok(o) => o,
             Err((code, message)) => {
                 // The plugin failed on the batch as a whole: every record of it failed.

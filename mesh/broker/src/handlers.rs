@@ -347,7 +347,8 @@ async fn produce_with_policy(
             let spec = quiver_proto::messages::parse_chain(&chain_text)
                 .map_err(|e| (ErrorCode::InvalidConfig, e))?;
             *guard = None;
-            *guard = Some((chain_text, RunningChain::start(registry, &spec)?));
+            let context = format!("produce {topic}/{id}");
+            *guard = Some((chain_text, RunningChain::start(registry, &spec, context)?));
         }
         let (_, running) = guard.as_mut().expect("started above");
         let source = crate::chains::Source {
@@ -852,10 +853,12 @@ pub async fn apply_chain(
             };
             let mut guard = slot.lock_owned().await;
             let (b, spec, records) = (broker.clone(), chain.to_vec(), p.records.clone());
+            let (topic, partition) = (t.name.clone(), p.partition);
             let result = tokio::task::spawn_blocking(move || {
                 let registry = b.plugins();
                 if guard.is_none() {
-                    *guard = Some(RunningChain::start(registry, &spec)?);
+                    let context = format!("fetch {topic}/{partition}");
+                    *guard = Some(RunningChain::start(registry, &spec, context)?);
                 }
                 let running = guard.as_mut().expect("started above");
                 filter_stored(running, registry, &records, offset)

@@ -62,6 +62,8 @@ pub struct Node {
     ca_file: Option<PathBuf>,
     accept_task: tokio::task::JoinHandle<()>,
     retention_task: tokio::task::JoinHandle<()>,
+    /// Writes guest log lines to the plugin log topic.
+    log_task: Option<tokio::task::JoinHandle<()>>,
     grace: Duration,
 }
 
@@ -105,6 +107,10 @@ impl Node {
             .clone()
             .unwrap_or_else(|| local_addr.to_string());
         let pipelines = Pipelines::open(broker.clone(), broker.catalog())?;
+        let log_task = broker
+            .plugins()
+            .take_log_receiver()
+            .map(|rx| tokio::spawn(crate::plugins::write_logs(broker.clone(), rx)));
         let shared = Arc::new(Shared {
             broker,
             pipelines,
@@ -142,6 +148,7 @@ impl Node {
             ca_file,
             accept_task,
             retention_task,
+            log_task,
             grace: Duration::from_millis(config.shutdown_grace_ms),
         })
     }
@@ -181,6 +188,11 @@ impl Node {
             .is_err()
         {
             tracing::warn!("pipelines still running after the grace period");
+        }
+        // Lines still queued are dropped; the task holds the broker, which must go.
+        if let Some(t) = self.log_task {
+            t.abort();
+            let _ = t.await;
         }
         self.shared.broker.close().await;
         self.server

@@ -478,6 +478,7 @@ impl Task {
         }
         let taken = chain.take();
         let (b, stored, p) = (self.broker.clone(), self.stored.clone(), self.partition);
+        let stored_name = self.name.clone();
         let (back, processed) = tokio::task::spawn_blocking(move || {
             let registry = b.plugins();
             let mut running = match taken {
@@ -485,7 +486,9 @@ impl Task {
                 None => {
                     let spec = parse_chain(&stored.chain)
                         .map_err(|e| Stop::Fatal(format!("chain: {e}")))?;
-                    RunningChain::start(registry, &spec).map_err(|(_, m)| Stop::Fatal(m))?
+                    let context = format!("pipeline {} {}/{p}", stored_name, stored.from);
+                    RunningChain::start(registry, &spec, context)
+                        .map_err(|(_, m)| Stop::Fatal(m))?
                 }
             };
             let out = process(&mut running, &b, &stored, p, &bytes, from);
@@ -625,7 +628,7 @@ fn process(
         chain
             .refresh(broker.plugins())
             .map_err(|(_, m)| Stop::Fatal(m))?;
-        let outcome = match chain.run(&input) {
+        let outcome = match chain.run(broker.plugins(), &input) {
             Ok(o) => o,
             Err((_, message)) => {
                 // The plugin failed on the batch as a whole.

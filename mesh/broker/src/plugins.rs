@@ -16,7 +16,33 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use quiver_proto::ErrorCode;
 use quiver_proto::messages::{ChainStep, PluginInfo};
-use quiver_runtime::{InstanceStats, Plugin, Runtime, RuntimeConfig, sha256_hex};
+use quiver_runtime::{CallReport, InstanceStats, Plugin, Runtime, RuntimeConfig, sha256_hex};
+
+/// The internal topic guest logs go to (one partition; key `name@version`, value one JSON
+/// object per line).
+pub const PLUGIN_LOGS_TOPIC: &str = "__plugin_logs";
+
+/// Guest log lines waiting to be written; beyond this, lines are dropped (and counted).
+pub const LOG_QUEUE_LINES_MAX: usize = 10_000;
+
+/// One guest log line, with where it came from.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct LogEntry {
+    /// When the node shipped it, ms since the Unix epoch.
+    pub ts_ms: i64,
+    /// `name@version`.
+    pub plugin: String,
+    /// Where the instance runs: `fetch TOPIC/P`, `produce TOPIC/P` or `pipeline NAME TOPIC/P`.
+    pub context: String,
+    /// `trace` .. `error`.
+    pub level: String,
+    /// `log` (the host import), `stdout` or `stderr`.
+    pub source: String,
+    /// The message.
+    pub message: String,
+    /// Structured fields, in order.
+    pub fields: Vec<(String, String)>,
+}
 
 use crate::catalog::Catalog;
 
@@ -46,6 +72,10 @@ pub struct Registry {
     attached: Arc<Mutex<HashMap<String, usize>>>,
     /// What every version did since the node started, by `name@version`.
     counters: Mutex<HashMap<String, Arc<Counters>>>,
+    logs: tokio::sync::mpsc::Sender<LogEntry>,
+    logs_rx: Mutex<Option<tokio::sync::mpsc::Receiver<LogEntry>>>,
+    /// Lines dropped because the queue was full, or by the runtime's per-call limits.
+    logs_dropped: AtomicU64,
 }
 
 /// Work done by one plugin version, summed over its instances.
@@ -166,6 +196,7 @@ impl Registry {
             ..RuntimeConfig::default()
         })
         .map_err(|e| anyhow::anyhow!("wasm runtime: {e}"))?;
+        let (logs, logs_rx) = tokio::sync::mpsc::channel(LOG_QUEUE_LINES_MAX);
         Ok(Self {
             dir,
             catalog: catalog.clone(),
@@ -175,7 +206,44 @@ impl Registry {
             loaded: Mutex::new(HashMap::new()),
             attached: Arc::new(Mutex::new(HashMap::new())),
             counters: Mutex::new(HashMap::new()),
+            logs,
+            logs_rx: Mutex::new(Some(logs_rx)),
+            logs_dropped: AtomicU64::new(0),
         })
+    }
+
+    /// Queues what an instance logged for the log topic (never blocks; a full queue drops).
+    pub fn ship_logs(&self, plugin: &str, context: &str, report: CallReport) {
+        self.logs_dropped
+            .fetch_add(report.logs_dropped, Ordering::Relaxed);
+        let ts_ms = crate::now_ms();
+        for line in report.logs {
+            let entry = LogEntry {
+                ts_ms,
+                plugin: plugin.to_string(),
+                context: context.to_string(),
+                level: format!("{:?}", line.level).to_lowercase(),
+                source: format!("{:?}", line.source).to_lowercase(),
+                message: line.message,
+                fields: line.fields,
+            };
+            if self.logs.try_send(entry).is_err() {
+                self.logs_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The queue's receiving end, once (for the task that writes the log topic).
+    pub fn take_log_receiver(&self) -> Option<tokio::sync::mpsc::Receiver<LogEntry>> {
+        self.logs_rx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    /// Guest log lines dropped since the node started.
+    pub fn logs_dropped(&self) -> u64 {
+        self.logs_dropped.load(Ordering::Relaxed)
     }
 
     /// The version a chain step names, checked deployed: the step's own, or the highest
@@ -423,4 +491,64 @@ fn write_durably(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     }
     std::fs::rename(&tmp, path)?;
     std::fs::File::open(dir)?.sync_all()
+}
+
+/// Writes queued guest log lines to [`PLUGIN_LOGS_TOPIC`] until the queue closes, creating
+/// the topic (one partition, 256 MiB and 7 days of retention) when a line first needs it.
+/// Lines are appended in batches of up to 1,000; a failed append is reported in the node's
+/// log and its lines are dropped (guest logs never hold up the data path).
+pub async fn write_logs(
+    broker: Arc<crate::broker::Broker>,
+    mut rx: tokio::sync::mpsc::Receiver<LogEntry>,
+) {
+    let mut buf = Vec::new();
+    while rx.recv_many(&mut buf, 1_000).await > 0 {
+        if broker.topic(PLUGIN_LOGS_TOPIC).is_none() {
+            let settings = [
+                ("retention.bytes".to_string(), (256u64 << 20).to_string()),
+                (
+                    "retention.ms".to_string(),
+                    (7u64 * 24 * 3600 * 1000).to_string(),
+                ),
+            ];
+            if let Err(e) = broker.create_topic(PLUGIN_LOGS_TOPIC, 1, &settings).await
+                && e.code != ErrorCode::TopicAlreadyExists
+            {
+                tracing::warn!(error = %e, lines = buf.len(), "cannot create the plugin log topic; lines dropped");
+                buf.clear();
+                continue;
+            }
+        }
+        let mut b = quiver_proto::BatchBuilder::new(quiver_proto::Compression::Lz4);
+        for e in buf.drain(..) {
+            let fields: serde_json::Map<String, serde_json::Value> = e
+                .fields
+                .iter()
+                .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+                .collect();
+            let value = serde_json::json!({
+                "ts_ms": e.ts_ms,
+                "plugin": e.plugin,
+                "context": e.context,
+                "level": e.level,
+                "source": e.source,
+                "message": e.message,
+                "fields": fields,
+            });
+            let value = value.to_string();
+            b.push(
+                Some(e.plugin.as_bytes()),
+                Some(value.as_bytes()),
+                &[],
+                e.ts_ms,
+            );
+        }
+        let stored = async {
+            let part = broker.partition(PLUGIN_LOGS_TOPIC, 0)?;
+            part.enqueue(vec![b.finish()]).await?.await
+        };
+        if let Err(e) = stored.await {
+            tracing::warn!(error = %e.message, "plugin log lines could not be stored");
+        }
+    }
 }

@@ -784,6 +784,86 @@ fn plugin_commands_through_the_cli() {
     ));
     assert_eq!(consume_clean(), "1\n3\n5\n6\n");
 
+    // Guest logs land in the log topic and `plugin logs` shows them.
+    let reference = quiver_test_artifacts::REFERENCE;
+    ok(&q(&[
+        "plugin",
+        "deploy",
+        reference,
+        "--name",
+        "ref",
+        "--version",
+        "1.0.0",
+    ]));
+    let only_c = ok(&q(&[
+        "consume",
+        "lines",
+        "--from-beginning",
+        "--plugin",
+        "ref",
+        "--param",
+        "needle=c",
+    ]));
+    assert_eq!(only_c, "c\n");
+    let wanted = "info  ref@1.0.0 [fetch lines/0] reference filter ready needle=c";
+    let mut logs = String::new();
+    for _ in 0..100 {
+        logs = ok(&q(&["plugin", "logs", "ref"]));
+        if logs.contains(wanted) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(logs.contains(wanted), "{logs}");
+    assert!(
+        ok(&q(&["plugin", "logs", "sample"])).is_empty(),
+        "other plugins' lines are not shown"
+    );
+    let json = ok(&q(&["plugin", "logs", "ref@1.0.0", "--json"]));
+    let first: serde_json::Value = serde_json::from_str(json.lines().next().unwrap()).unwrap();
+    assert_eq!(first["plugin"], "ref@1.0.0");
+    assert_eq!(first["fields"]["needle"], "c");
+
+    // A pipeline from the CLI.
+    ok(&q(&["topic", "create", "copies"]));
+    let create = [
+        "pipeline", "create", "cp", "--from", "lines", "--to", "copies", "--plugin", "ref",
+        "--param", "needle=a",
+    ];
+    assert!(ok(&q(&create)).contains("created pipeline cp"));
+    fails_with(&q(&create), "pipeline_exists");
+    let mut status = String::new();
+    for _ in 0..100 {
+        status = ok(&q(&["pipeline", "status", "cp"]));
+        if status.contains("  0\t5\t5\t0\t5\t1\t0\trunning") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        status.contains("  0\t5\t5\t0\t5\t1\t0\trunning"),
+        "committed 5 of 5, 5 in, 1 out: {status}"
+    );
+    assert_eq!(ok(&q(&["consume", "copies", "--from-beginning"])), "a\n");
+    let listed = ok(&q(&["pipeline", "list"]));
+    assert!(
+        listed.starts_with("cp\tlines -> copies\trunning\tlag 0\tref needle=a"),
+        "{listed}"
+    );
+    assert!(ok(&q(&["pipeline", "pause", "cp"])).contains("paused pipeline cp"));
+    assert!(ok(&q(&["pipeline", "status", "cp"])).contains("\tpaused"));
+    assert!(ok(&q(&["pipeline", "resume", "cp"])).contains("resumed pipeline cp"));
+    fails_with(&q(&["plugin", "remove", "ref@1.0.0"]), "plugin_in_use");
+    assert!(ok(&q(&["pipeline", "delete", "cp"])).contains("deleted pipeline cp"));
+    fails_with(&q(&["pipeline", "status", "cp"]), "pipeline_not_found");
+    fails_with(
+        &q(&[
+            "pipeline", "create", "x", "--from", "lines", "--to", "copies",
+        ]),
+        "--plugin",
+    );
+    ok(&q(&["plugin", "remove", "ref@1.0.0"]));
+
     fails_with(
         &q(&[
             "plugin",

@@ -21,6 +21,22 @@ pub enum PluginCommand {
     Describe(DescribeArgs),
     /// Remove NAME@VERSION.
     Remove(RemoveArgs),
+    /// Print what a plugin's instances logged (from the node's __plugin_logs topic).
+    Logs(LogsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// NAME, or NAME@VERSION for one version.
+    plugin: String,
+    /// Keep waiting for new lines.
+    #[arg(long)]
+    follow: bool,
+    /// One JSON object per line, as stored.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    connect: ConnectArgs,
 }
 
 #[derive(Debug, Args)]
@@ -144,6 +160,7 @@ pub async fn plugin(cmd: PluginCommand) -> anyhow::Result<ExitCode> {
                 );
             }
         }
+        PluginCommand::Logs(a) => logs(a).await?,
         PluginCommand::Remove(a) => {
             let (name, version) = a
                 .plugin
@@ -155,6 +172,100 @@ pub async fn plugin(cmd: PluginCommand) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `quiver plugin logs`: reads the log topic, keeping the lines of one plugin (or version).
+async fn logs(a: LogsArgs) -> anyhow::Result<()> {
+    use quiver_client::{Consumer, ConsumerConfig, SeekTo};
+    use std::io::Write;
+    let topic = crate::plugins::PLUGIN_LOGS_TOPIC;
+    let wanted = |key: &[u8]| {
+        let key = String::from_utf8_lossy(key);
+        if a.plugin.contains('@') {
+            key == a.plugin
+        } else {
+            key.split_once('@').is_some_and(|(n, _)| n == a.plugin)
+        }
+    };
+    let client = a.connect.connect().await?;
+    // No line yet means no topic yet: with --follow, wait for it.
+    loop {
+        match client.partition_count(topic).await {
+            Ok(_) => break,
+            Err(e) if e.code() == Some(quiver_proto::ErrorCode::UnknownTopicOrPartition) => {
+                if !a.follow {
+                    client.close().await;
+                    return Ok(());
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let mut consumer =
+        Consumer::new(client.clone(), topic, None, ConsumerConfig::default()).await?;
+    consumer.seek_all(SeekTo::Earliest).await?;
+    let end = client
+        .list_offset(topic, 0, quiver_proto::messages::LATEST_TIMESTAMP)
+        .await?
+        .unwrap_or(0);
+    let stdout = std::io::stdout();
+    loop {
+        if !a.follow && consumer.position(0).is_some_and(|p| p >= end) {
+            break;
+        }
+        let records = consumer.poll().await?;
+        let mut out = stdout.lock();
+        for r in records {
+            if !a.follow && r.offset >= end {
+                continue;
+            }
+            if !r.key.as_deref().is_some_and(wanted) {
+                continue;
+            }
+            let Some(v) = r.value.as_deref() else {
+                continue;
+            };
+            if a.json {
+                out.write_all(v)?;
+                out.write_all(b"\n")?;
+                continue;
+            }
+            let e: serde_json::Value = match serde_json::from_slice(v) {
+                Ok(e) => e,
+                Err(_) => continue,
+            };
+            let s = |k: &str| e[k].as_str().unwrap_or_default().to_string();
+            let when = time::OffsetDateTime::from_unix_timestamp_nanos(
+                i128::from(e["ts_ms"].as_i64().unwrap_or(0)) * 1_000_000,
+            )
+            .ok()
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .unwrap_or_default();
+            let mut line = format!(
+                "{when} {:<5} {} [{}] {}",
+                s("level"),
+                s("plugin"),
+                s("context"),
+                s("message")
+            );
+            if let Some(fields) = e["fields"].as_object() {
+                for (k, v) in fields {
+                    line.push_str(&format!(" {k}={}", v.as_str().unwrap_or_default()));
+                }
+            }
+            if s("source") != "log" {
+                line.push_str(&format!(" ({})", s("source")));
+            }
+            writeln!(out, "{line}")?;
+        }
+        out.flush()?;
+    }
+    client.close().await;
+    Ok(())
 }
 
 /// Builds a chain from repeated `--plugin NAME[@VERSION]` and `--param K=V` flags. With one
