@@ -100,7 +100,7 @@ impl Filter for FilterJson {
     }
 
     fn filter(&mut self, record: &Record<'_>) -> Verdict {
-        let doc = match json::parse(record.value) {
+        let field = match self.field.extract(record.value) {
             Ok(v) => v,
             Err(e) => {
                 return match self.on_invalid {
@@ -110,8 +110,7 @@ impl Filter for FilterJson {
                 };
             }
         };
-        let field = self.field.get(&doc);
-        let keep = match (&self.op, field) {
+        let keep = match (&self.op, field.as_ref()) {
             (Op::Exists, f) => f.is_some(),
             // A missing field equals nothing, so `ne` keeps it (README).
             (Op::Ne(_), None) => true,
