@@ -99,6 +99,45 @@ impl ColumnarBatch {
         }
     }
 
+    /// Empties the batch, keeping its buffers' capacity (to build the next batch without
+    /// allocating again).
+    pub fn clear(&mut self) {
+        let b = &mut self.inner;
+        b.count = 0;
+        b.offsets.clear();
+        b.timestamps.clear();
+        b.key_present.clear();
+        b.key_offsets.clear();
+        b.key_offsets.push(0);
+        b.keys.clear();
+        b.value_present.clear();
+        b.value_offsets.clear();
+        b.value_offsets.push(0);
+        b.values.clear();
+        b.header_offsets.clear();
+        b.header_offsets.push(0);
+        b.header_name_offsets.clear();
+        b.header_name_offsets.push(0);
+        b.header_names.clear();
+        b.header_value_present.clear();
+        b.header_value_offsets.clear();
+        b.header_value_offsets.push(0);
+        b.header_values.clear();
+    }
+
+    /// Makes room for `records` more records holding about `data_bytes` of keys and values.
+    pub fn reserve(&mut self, records: usize, data_bytes: usize) {
+        let b = &mut self.inner;
+        b.offsets.reserve(records);
+        b.timestamps.reserve(records);
+        b.key_present.reserve(records / 8 + 1);
+        b.value_present.reserve(records / 8 + 1);
+        b.key_offsets.reserve(records);
+        b.value_offsets.reserve(records);
+        b.header_offsets.reserve(records);
+        b.values.reserve(data_bytes);
+    }
+
     /// Records in the batch.
     pub fn len(&self) -> usize {
         self.inner.count as usize

@@ -327,6 +327,16 @@ impl<'a> BatchView<'a> {
     /// Checks the batch at the front of `buf` (length, magic, CRC, attributes) and returns it and
     /// its size. Bytes after the batch are ignored.
     pub fn parse(buf: &'a [u8]) -> Result<Self, BatchError> {
+        Self::parse_checked(buf, true)
+    }
+
+    /// As [`parse`](Self::parse) without recomputing the CRC: for bytes whose CRC was just
+    /// checked by the same process (a node's own log reads).
+    pub fn parse_verified(buf: &'a [u8]) -> Result<Self, BatchError> {
+        Self::parse_checked(buf, false)
+    }
+
+    fn parse_checked(buf: &'a [u8], check_crc: bool) -> Result<Self, BatchError> {
         let header = BatchHeader::parse(buf)?;
         let total = header.total_bytes();
         if total < BATCH_HEADER_BYTES {
@@ -342,7 +352,11 @@ impl<'a> BatchView<'a> {
             return Err(BatchError::BadMagic(header.magic));
         }
         let bytes = &buf[..total];
-        let computed = crc32c::crc32c(&bytes[CRC_START..]);
+        let computed = if check_crc {
+            crc32c::crc32c(&bytes[CRC_START..])
+        } else {
+            header.crc
+        };
         if computed != header.crc {
             return Err(BatchError::CrcMismatch {
                 stored: header.crc,
@@ -800,12 +814,24 @@ impl<'a> RecordIter<'a> {
 #[derive(Debug, Clone)]
 pub struct RecordBatches<'a> {
     buf: &'a [u8],
+    check_crc: bool,
 }
 
 impl<'a> RecordBatches<'a> {
     /// Iterates `buf`.
     pub fn new(buf: &'a [u8]) -> Self {
-        Self { buf }
+        Self {
+            buf,
+            check_crc: true,
+        }
+    }
+
+    /// Iterates `buf` without recomputing CRCs (see [`BatchView::parse_verified`]).
+    pub fn verified(buf: &'a [u8]) -> Self {
+        Self {
+            buf,
+            check_crc: false,
+        }
     }
 }
 
@@ -815,7 +841,7 @@ impl<'a> Iterator for RecordBatches<'a> {
         if self.buf.is_empty() {
             return None;
         }
-        match BatchView::parse(self.buf) {
+        match BatchView::parse_checked(self.buf, self.check_crc) {
             Ok(v) => {
                 self.buf = &self.buf[v.as_bytes().len()..];
                 Some(Ok(v))
