@@ -336,6 +336,15 @@ impl Broker {
         Ok(())
     }
 
+    /// Drops produce-side chains that are idle (no produce running them) and run `key`
+    /// (`name@version`), releasing their attachment; they restart at the next produce.
+    pub fn release_idle_policies(&self, key: &str) {
+        self.policies.retain(|_, slot| match slot.try_lock() {
+            Ok(g) => !g.as_ref().is_some_and(|(_, c)| c.keys().any(|k| k == key)),
+            Err(_) => true,
+        });
+    }
+
     /// The produce-side chain slot of a partition.
     pub fn policy_slot(&self, topic: &TopicName, partition: u32) -> PolicySlot {
         self.policies

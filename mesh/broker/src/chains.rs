@@ -27,6 +27,9 @@ pub const STATE_BYTES_MAX: usize = 16 << 20;
 struct Step {
     key: String,
     sha256: String,
+    /// A newer component that refused to start here: not tried again until another one is
+    /// deployed.
+    refused: Option<String>,
     counters: Arc<Counters>,
     last: InstanceStats,
     _attached: Attached,
@@ -41,6 +44,10 @@ pub struct RunningChain {
     context: String,
     /// The columnar batch records are decoded into, reused from batch to batch.
     scratch: ColumnarBatch,
+    /// A step was lost in a failed swap: the chain must not run again.
+    broken: bool,
+    /// Next provisional offset given to produce-side records (see [`apply_policy`]).
+    provisional: Option<u64>,
 }
 
 fn failed(key: &str, e: impl std::fmt::Display) -> RegistryError {
@@ -71,6 +78,7 @@ impl RunningChain {
                 .map_err(|e| failed(&r.key, e.error))?;
             steps.push(Step {
                 sha256: r.plugin.sha256().to_string(),
+                refused: None,
                 counters: registry.counters(&r.key),
                 last: InstanceStats::default(),
                 _attached: registry.attach(&r.key),
@@ -89,6 +97,8 @@ impl RunningChain {
             chain,
             context,
             scratch: ColumnarBatch::new(),
+            broken: false,
+            provisional: None,
         })
     }
 
@@ -107,9 +117,26 @@ impl RunningChain {
         self.steps.iter().map(|s| s.key.as_str())
     }
 
+    /// Whether a failed swap lost a step; such a chain refuses to run and must be dropped.
+    pub fn is_broken(&self) -> bool {
+        self.broken
+    }
+
+    fn check_whole(&self) -> Result<(), RegistryError> {
+        if self.broken {
+            return Err((
+                ErrorCode::PluginFailed,
+                "the chain lost a step in a failed version swap; it is restarted".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// At a batch boundary: swaps in the highest deployed version of every step named without
-    /// one, when that changed. A version that cannot start is logged and the old one runs on.
+    /// one, when that changed. A version that cannot start is logged, not tried again until
+    /// another version is deployed, and the old one runs on.
     pub fn refresh(&mut self, registry: &Registry) -> Result<(), RegistryError> {
+        self.check_whole()?;
         for i in 0..self.spec.len() {
             if !self.spec[i].version.is_empty() {
                 continue;
@@ -120,6 +147,9 @@ impl RunningChain {
             if r.key == self.steps[i].key && r.plugin.sha256() == self.steps[i].sha256 {
                 continue;
             }
+            if self.steps[i].refused.as_deref() == Some(r.plugin.sha256()) {
+                continue;
+            }
             self.account(i);
             match self
                 .chain
@@ -127,20 +157,25 @@ impl RunningChain {
             {
                 Ok(()) => {
                     tracing::info!(from = %self.steps[i].key, to = %r.key, "plugin version swapped in");
-                    self.ship_logs(registry);
                     self.steps[i] = Step {
                         sha256: r.plugin.sha256().to_string(),
+                        refused: None,
                         counters: registry.counters(&r.key),
                         last: InstanceStats::default(),
                         _attached: registry.attach(&r.key),
                         key: r.key,
                     };
+                    self.ship_logs(registry);
                 }
                 Err((e, false)) => {
                     tracing::warn!(plugin = %r.key, error = %e, "new plugin version refused to start; the old one runs on");
+                    self.steps[i].refused = Some(r.plugin.sha256().to_string());
                     self.steps[i].last = self.chain.steps()[i].stats().clone();
                 }
-                Err((e, true)) => return Err(failed(&r.key, e)),
+                Err((e, true)) => {
+                    self.broken = true;
+                    return Err(failed(&r.key, e));
+                }
             }
         }
         Ok(())
@@ -164,6 +199,7 @@ impl RunningChain {
         registry: &Registry,
         batch: &ColumnarBatch,
     ) -> Result<ChainOutcome, RegistryError> {
+        self.check_whole()?;
         let result = self.chain.run(batch);
         for i in 0..self.steps.len() {
             self.account(i);
@@ -387,29 +423,35 @@ pub struct Source<'a> {
     pub partition: u32,
 }
 
+/// Where a dead-letter record came from in its source partition.
+#[derive(Clone, Copy, Debug)]
+pub enum SourcePlace {
+    /// Its offset (the record was stored there: pipelines).
+    Offset(u64),
+    /// Its position among a produce request's records (it was never stored).
+    Index(u64),
+}
+
 /// Appends a dead-letter copy of `r` to `dlq`: the record unchanged, plus headers naming the
-/// plugin, the reason and the source (`offset` when the record has one in its source
-/// partition; otherwise its position in the produce request).
+/// plugin, the reason and the source.
 pub fn dead_letter(
     dlq: &mut BatchBuilder,
     r: &quiver_runtime::RecordView<'_>,
     plugin: &str,
     reason: &str,
     source: &Source<'_>,
-    offset: Option<u64>,
+    place: SourcePlace,
 ) {
     let mut hs: Vec<(&str, Option<&[u8]>)> = r.headers().collect();
     let partition = source.partition.to_string();
-    let at = offset.unwrap_or(r.offset).to_string();
+    let (key, at) = match place {
+        SourcePlace::Offset(o) => (dlq_headers::SOURCE_OFFSET, o.to_string()),
+        SourcePlace::Index(i) => (dlq_headers::SOURCE_INDEX, i.to_string()),
+    };
     hs.push((dlq_headers::PLUGIN, Some(plugin.as_bytes())));
     hs.push((dlq_headers::ERROR, Some(reason.as_bytes())));
     hs.push((dlq_headers::SOURCE_TOPIC, Some(source.topic.as_bytes())));
     hs.push((dlq_headers::SOURCE_PARTITION, Some(partition.as_bytes())));
-    let key = if offset.is_some() {
-        dlq_headers::SOURCE_OFFSET
-    } else {
-        dlq_headers::SOURCE_INDEX
-    };
     hs.push((key, Some(at.as_bytes())));
     dlq.push(r.key, r.value, &hs, r.timestamp);
 }
@@ -430,8 +472,10 @@ fn show_key(key: Option<&[u8]>) -> String {
 }
 
 /// Runs a produce-side policy chain over one partition's validated batches, in order.
-/// Records are numbered by their position in the request (the offsets plugins see), since
-/// they have no offsets yet. `policy` decides what a failed record, or a batch a plugin failed
+/// Records have no offsets yet: plugins see provisional ones, increasing and unique for the
+/// life of this chain instance (starting at the partition's log end when it started; not the
+/// offsets records get when stored, since dropped records take none). Errors and dead
+/// letters name a record by its position among the request's records for the partition. `policy` decides what a failed record, or a batch a plugin failed
 /// on, becomes: an error for the whole partition (`fail`), nothing (`skip`), or a
 /// dead-letter record (`dlq`). Output topics a transform names are ignored here.
 pub fn apply_policy(
@@ -440,11 +484,13 @@ pub fn apply_policy(
     batches: &[Bytes],
     source: &Source<'_>,
     policy: &crate::topic_config::ErrorPolicy,
+    log_end: u64,
 ) -> Result<PolicyOutcome, RegistryError> {
     use crate::topic_config::ErrorPolicy;
     let mut out = PolicyOutcome::default();
     let mut dlq = BatchBuilder::new(Compression::None);
     let mut index = 0u64;
+    let mut provisional = *chain.provisional.get_or_insert(log_end);
     for (bi, bytes) in batches.iter().enumerate() {
         let view = quiver_proto::batch::BatchView::parse(bytes)
             .map_err(|e| (ErrorCode::InvalidBatch, e.to_string()))?;
@@ -453,19 +499,22 @@ pub fn apply_policy(
         let mut input = ColumnarBatch::new();
         view.for_each_record(usize::MAX, |r| {
             if r.header_count() == 0 {
-                input.push(index, r.timestamp, r.key, r.value, &[]);
+                input.push(provisional, r.timestamp, r.key, r.value, &[]);
             } else {
                 let hs: Vec<(&str, Option<&[u8]>)> =
                     r.headers().map(|x| (x.key, x.value)).collect();
-                input.push(index, r.timestamp, r.key, r.value, &hs);
+                input.push(provisional, r.timestamp, r.key, r.value, &hs);
             }
             index += 1;
+            provisional += 1;
         })
         .map_err(|e| (ErrorCode::InvalidBatch, e.to_string()))?;
+        chain.provisional = Some(provisional);
         chain.refresh(registry)?;
         let mut to_dlq = |records: &mut dyn Iterator<Item = (usize, String, String)>| {
             for (i, plugin, reason) in records {
-                dead_letter(&mut dlq, &input.view(i), &plugin, &reason, source, None);
+                let at = SourcePlace::Index(first + i as u64);
+                dead_letter(&mut dlq, &input.view(i), &plugin, &reason, source, at);
             }
         };
         let outcome = match chain.run(registry, &input) {
@@ -499,7 +548,7 @@ pub fn apply_policy(
                         ErrorCode::PluginFailed,
                         format!(
                             "record {} ({}) failed in {plugin}: {reason}",
-                            r.offset,
+                            first + *i as u64,
                             show_key(r.key)
                         ),
                     ));

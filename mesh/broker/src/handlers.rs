@@ -166,6 +166,9 @@ pub async fn plugin_remove(
     pipelines: &Pipelines,
     req: PluginRemoveRequest,
 ) -> PluginRemoveResponse {
+    // Produce-side instances of partitions nobody writes to would otherwise hold an old
+    // version until their next produce.
+    broker.release_idle_policies(&format!("{}@{}", req.name, req.version));
     if let Some(p) = pipelines.using_plugin(&req.name, &req.version) {
         return PluginRemoveResponse {
             status: Status::err(
@@ -336,6 +339,31 @@ async fn produce_with_policy(
     let id = part.id().0;
     let slot = broker.policy_slot(&policy.topic, id);
     let mut guard = slot.lock_owned().await;
+    // The policy may have changed (or gone) while this produce waited: what counts is the
+    // policy when the chain runs. Without one, the batches are stored as produced (and no
+    // chain is started in a slot nothing would use again).
+    let current = broker
+        .topic(policy.topic.as_str())
+        .map(|t| t.config.clone());
+    let Some(current) = current else {
+        return fail(
+            ErrorCode::UnknownTopicOrPartition,
+            format!("topic {} was deleted", policy.topic),
+        );
+    };
+    if current.on_produce.is_empty() {
+        drop(guard);
+        return match part.enqueue(batches).await {
+            Ok(wait) => Box::pin(wait),
+            Err(e) => Box::pin(std::future::ready(Err(e))),
+        };
+    }
+    let policy = Policy {
+        chain: current.on_produce.clone(),
+        on_error: current.on_error.clone(),
+        ..policy
+    };
+    let log_end = part.state().map(|s| s.log_end_offset).unwrap_or(0);
     let b = broker.clone();
     let topic = policy.topic.to_string();
     let on_error = policy.on_error.clone();
@@ -355,7 +383,11 @@ async fn produce_with_policy(
             topic: &topic,
             partition: id,
         };
-        let out = crate::chains::apply_policy(running, registry, &batches, &source, &on_error);
+        let out =
+            crate::chains::apply_policy(running, registry, &batches, &source, &on_error, log_end);
+        if running.is_broken() {
+            *guard = None;
+        }
         Ok::<_, (ErrorCode, String)>((guard, out?))
     })
     .await;
@@ -384,13 +416,23 @@ async fn produce_with_policy(
         (out.dlq, &policy.on_error)
     {
         let stored = async {
-            let count = broker
+            let dlq_config = broker
                 .topic(dlq_topic)
-                .map(|t| t.config.partitions)
+                .map(|t| t.config.clone())
                 .ok_or_else(|| PartitionError {
                     code: ErrorCode::UnknownTopicOrPartition,
                     message: format!("dead-letter topic {dlq_topic} does not exist"),
                 })?;
+            let count = dlq_config.partitions;
+            // Dead letters obey the dead-letter topic's own record limit.
+            let dlq_limits = BatchLimits {
+                record_bytes_max: dlq_config.max_record_bytes as usize,
+                batch_bytes_max: usize::MAX,
+            };
+            validate_batch(&dlq, &dlq_limits).map_err(|e| PartitionError {
+                code: ErrorCode::RecordTooLarge,
+                message: format!("a dead letter does not fit {dlq_topic}: {e}"),
+            })?;
             let dlq_part = broker.partition(dlq_topic, id % count)?;
             dlq_part.enqueue(vec![dlq]).await?.await
         };
@@ -861,7 +903,11 @@ pub async fn apply_chain(
                     *guard = Some(RunningChain::start(registry, &spec, context)?);
                 }
                 let running = guard.as_mut().expect("started above");
-                filter_stored(running, registry, &records, offset)
+                let out = filter_stored(running, registry, &records, offset);
+                if running.is_broken() {
+                    *guard = None;
+                }
+                out
             })
             .await
             .unwrap_or_else(|e| Err((ErrorCode::Unknown, e.to_string())));

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::Broker;
 use crate::catalog::Catalog;
-use crate::chains::{RunningChain, Source, dead_letter, plugin_of};
+use crate::chains::{RunningChain, Source, SourcePlace, dead_letter, plugin_of};
 use crate::topic_config::ErrorPolicy;
 
 /// A pipeline failure, as a protocol code and a message.
@@ -651,7 +651,7 @@ fn process(
                                 plugin_of(&message),
                                 &message,
                                 &source,
-                                Some(at),
+                                SourcePlace::Offset(at),
                             );
                         }
                     }
@@ -712,7 +712,14 @@ fn process(
                     for (i, plugin, reason) in &failures {
                         let r = input.view(*i);
                         let at = r.offset;
-                        dead_letter(&mut dlq, &r, plugin, reason, &source, Some(at));
+                        dead_letter(
+                            &mut dlq,
+                            &r,
+                            plugin,
+                            reason,
+                            &source,
+                            SourcePlace::Offset(at),
+                        );
                     }
                 }
             }

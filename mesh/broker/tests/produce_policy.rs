@@ -324,6 +324,45 @@ async fn a_policy_filters_redacts_and_dead_letters_before_append() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dedupe_policy_drops_repeated_keys_across_requests() {
+    tokio::time::timeout(Duration::from_secs(120), async {
+        let dir = tempfile::tempdir().unwrap();
+        let node = start(dir.path()).await;
+        let c = client(&node).await;
+        c.deploy_plugin("dedupe", "1.0.0", wasm(guests::DEDUPE))
+            .await
+            .unwrap();
+        c.create_topic(
+            "orders",
+            1,
+            &kv(&[("plugin.on.produce", "dedupe window-ms=60000")]),
+        )
+        .await
+        .unwrap();
+        // One record per request, so every record is the first of its request: the plugin
+        // must still see distinct offsets to tell a duplicate from a replay.
+        let producer = Producer::new(c.clone(), ProducerConfig::default());
+        for key in ["a", "b", "a", "c", "b", "a"] {
+            producer
+                .send(
+                    ProducerRecord::new("orders", key.to_string())
+                        .key(key)
+                        .partition(0),
+                )
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+        let stored: Vec<String> = read_all(&c, "orders").await.iter().map(value).collect();
+        assert_eq!(stored, vec!["a", "b", "c"]);
+        node.shutdown().await;
+    })
+    .await
+    .expect("test finished in time");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_that_traps_sends_its_batch_to_the_dead_letter_topic() {
     tokio::time::timeout(Duration::from_secs(120), async {
         let dir = tempfile::tempdir().unwrap();

@@ -937,7 +937,8 @@ pub(crate) fn get_chain(r: &mut Reader) -> Result<Vec<ChainStep>, DecodeError> {
         Ok(ChainStep {
             plugin: r.string("plugin")?,
             version: r.string("version")?,
-            params: get_vec(r, "params", 8, |r| {
+            // Two strings: at least their two 2-byte lengths.
+            params: get_vec(r, "params", 4, |r| {
                 Ok((r.string("key")?, r.string("value")?))
             })?,
         })
@@ -1782,6 +1783,21 @@ mod tests {
         }
         let long = ["p"; CHAIN_STEPS_MAX + 1].join(" | ");
         assert!(parse_chain(&long).is_err());
+    }
+
+    #[test]
+    fn short_params_decode() {
+        roundtrip(FetchRequest {
+            max_wait_ms: 0,
+            min_bytes: 0,
+            max_bytes: 0,
+            topics: vec![],
+            chain: vec![ChainStep {
+                plugin: "s".into(),
+                version: String::new(),
+                params: vec![("by".into(), "x".into()), ("k".into(), String::new())],
+            }],
+        });
     }
 
     #[test]
