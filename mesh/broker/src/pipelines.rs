@@ -268,8 +268,12 @@ impl Pipelines {
                             .as_ref()
                             .and_then(|t| t.partitions[p as usize].state().ok())
                             .map_or(0, |st| st.high_watermark);
-                        let committed = self.committed(&n, p).unwrap_or(0);
                         let st = stats.get(&n).and_then(|v| v.get(p as usize));
+                        // A running task's own view: it moves only after its counters.
+                        let committed = match st {
+                            Some(x) if !s.paused => x.committed.load(Ordering::Acquire),
+                            _ => self.committed(&n, p).unwrap_or(0),
+                        };
                         let get = |f: fn(&PartStats) -> &AtomicU64| {
                             st.map_or(0, |x| f(x).load(Ordering::Relaxed))
                         };
@@ -351,6 +355,8 @@ impl Pipelines {
         for p in 0..input.partitions.len() as u32 {
             let st = Arc::new(PartStats::default());
             st.set_state("running");
+            st.committed
+                .store(self.committed(name, p).unwrap_or(0), Ordering::Release);
             let task = Task {
                 broker: self.broker.clone(),
                 progress: self.progress.clone(),
@@ -511,13 +517,14 @@ impl Task {
             .map_err(|e| Stop::Retry(e.to_string()))?;
         *offset = processed.next_offset;
         let s = &self.stats;
-        s.committed.store(*offset, Ordering::Relaxed);
         s.records_in
             .fetch_add(processed.records_in, Ordering::Relaxed);
         s.records_out
             .fetch_add(processed.records_out, Ordering::Relaxed);
         s.records_failed
             .fetch_add(processed.failed, Ordering::Relaxed);
+        // Last, and released: a status that sees this offset sees the counts above.
+        s.committed.store(*offset, Ordering::Release);
         Ok(true)
     }
 
