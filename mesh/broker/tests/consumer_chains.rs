@@ -10,36 +10,16 @@
 //! node keeps serving; a version in use cannot be removed; `plugin describe` counts the work.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::Path;
+mod common;
+
 use std::time::Duration;
 
-use quiver_broker::{BrokerConfig, Node};
+use common::{client, start, wasm};
 use quiver_client::{
-    ChainStep, Client, ClientConfig, Consumer, ConsumerConfig, ConsumerRecord, ErrorCode, Producer,
+    ChainStep, Client, Consumer, ConsumerConfig, ConsumerRecord, ErrorCode, Producer,
     ProducerConfig, ProducerRecord, SeekTo,
 };
 use quiver_test_artifacts as guests;
-
-async fn start(dir: &Path) -> Node {
-    Node::start(BrokerConfig {
-        data_dir: dir.to_path_buf(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        ..BrokerConfig::default()
-    })
-    .await
-    .expect("node starts")
-}
-
-async fn client(node: &Node) -> Client {
-    let ca = node.ca_file().expect("dev CA").clone();
-    Client::connect(ClientConfig::new(node.local_addr().to_string(), ca))
-        .await
-        .unwrap()
-}
-
-fn wasm(path: &str) -> bytes::Bytes {
-    std::fs::read(path).unwrap().into()
-}
 
 fn step(plugin: &str, version: &str, params: &[(&str, &str)]) -> ChainStep {
     ChainStep {

@@ -11,37 +11,17 @@
 //! topics and plugins a pipeline uses cannot be deleted under it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::Path;
+mod common;
+
 use std::time::Duration;
 
-use quiver_broker::{BrokerConfig, Node};
+use common::{client, start, wasm};
 use quiver_client::{
-    Client, ClientConfig, Consumer, ConsumerConfig, ConsumerRecord, ErrorCode, Producer,
-    ProducerConfig, ProducerRecord, SeekTo,
+    Client, Consumer, ConsumerConfig, ConsumerRecord, ErrorCode, Producer, ProducerConfig,
+    ProducerRecord, SeekTo,
 };
 use quiver_proto::messages::{PipelineInfo, PipelineSpec};
 use quiver_test_artifacts as guests;
-
-async fn start(dir: &Path) -> Node {
-    Node::start(BrokerConfig {
-        data_dir: dir.to_path_buf(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        ..BrokerConfig::default()
-    })
-    .await
-    .expect("node starts")
-}
-
-async fn client(node: &Node) -> Client {
-    let ca = node.ca_file().expect("dev CA").clone();
-    Client::connect(ClientConfig::new(node.local_addr().to_string(), ca))
-        .await
-        .unwrap()
-}
-
-fn wasm(path: &str) -> bytes::Bytes {
-    std::fs::read(path).unwrap().into()
-}
 
 /// Records `from..to`: JSON with a level (every third an error, every fifth a warning),
 /// keyed, with a header.

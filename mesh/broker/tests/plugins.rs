@@ -8,33 +8,13 @@
 //! restart, and removing a version leaves the others.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::Path;
+mod common;
+
 use std::time::Duration;
 
-use quiver_broker::{BrokerConfig, Node};
-use quiver_client::{Client, ClientConfig, ErrorCode};
+use common::{client, start, wasm};
+use quiver_client::ErrorCode;
 use quiver_test_artifacts as guests;
-
-async fn start(dir: &Path) -> Node {
-    Node::start(BrokerConfig {
-        data_dir: dir.to_path_buf(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        ..BrokerConfig::default()
-    })
-    .await
-    .expect("node starts")
-}
-
-async fn client(node: &Node) -> Client {
-    let ca = node.ca_file().expect("dev CA").clone();
-    Client::connect(ClientConfig::new(node.local_addr().to_string(), ca))
-        .await
-        .unwrap()
-}
-
-fn wasm(path: &str) -> bytes::Bytes {
-    std::fs::read(path).unwrap().into()
-}
 
 fn code<T: std::fmt::Debug>(r: Result<T, quiver_client::ClientError>) -> ErrorCode {
     r.expect_err("refused").code().expect("a server code")
