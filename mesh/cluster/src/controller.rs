@@ -171,3 +171,281 @@ mod tests {
         assert!(epochs.windows(2).all(|w| w[0] < w[1]), "{epochs:?}");
     }
 }
+
+/// A broker as the controller knows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BrokerState {
+    /// Its current registration: a new, larger epoch at every (re)start (KRaft's broker
+    /// epoch); requests of an older incarnation are refused.
+    pub epoch: u64,
+    /// Address clients and peers reach it at.
+    pub addr: String,
+    /// Its lease runs until this time; past it the broker is fenced.
+    pub lease_until_ms: u64,
+    /// Fenced: its lease expired or it shut down; it leads nothing and is in no ISR (unless
+    /// the last member) until it heartbeats again.
+    pub fenced: bool,
+}
+
+/// Why a cluster change was refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClusterError {
+    /// The broker is not registered, or the request comes from an older incarnation.
+    StaleBroker,
+    /// More replicas asked for than unfenced brokers.
+    NotEnoughBrokers {
+        /// Replicas wanted.
+        wanted: usize,
+        /// Unfenced brokers.
+        live: usize,
+    },
+    /// A topic with that name exists.
+    TopicExists,
+    /// No such topic or partition.
+    UnknownPartition,
+    /// An ISR change was refused.
+    Isr(IsrError),
+}
+
+/// The controller's whole state, as the Raft log will hold it: brokers with epochs and
+/// leases, and every partition's leader, epoch and ISR. Every change bumps `version`, the
+/// offset brokers follow the metadata at.
+#[derive(Clone, Debug, Default)]
+pub struct ClusterControl {
+    lease_ms: u64,
+    brokers: std::collections::BTreeMap<NodeId, BrokerState>,
+    next_epoch: u64,
+    topics: std::collections::BTreeMap<String, Vec<PartitionControl>>,
+    version: u64,
+}
+
+impl ClusterControl {
+    /// An empty cluster whose broker leases last `lease_ms`.
+    pub fn new(lease_ms: u64) -> Self {
+        Self {
+            lease_ms,
+            ..Self::default()
+        }
+    }
+
+    /// Bumped at every change.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// The brokers.
+    pub fn brokers(&self) -> &std::collections::BTreeMap<NodeId, BrokerState> {
+        &self.brokers
+    }
+
+    /// Unfenced brokers.
+    pub fn live(&self) -> BTreeSet<NodeId> {
+        self.brokers
+            .iter()
+            .filter(|(_, b)| !b.fenced)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// A partition's control state.
+    pub fn partition(&self, topic: &str, partition: u32) -> Option<&PartitionControl> {
+        self.topics.get(topic)?.get(partition as usize)
+    }
+
+    /// A broker (re)starts: it gets a new epoch and a lease. A previous incarnation is fenced
+    /// first, so it leaves the ISRs it was in (its unsynced tail may be gone) and gives up
+    /// leadership; then the new one is unfenced. Returns the new epoch.
+    pub fn register(&mut self, id: NodeId, addr: &str, now_ms: u64) -> u64 {
+        if self.brokers.get(&id).is_some_and(|b| !b.fenced) {
+            self.fence(id);
+        }
+        self.next_epoch += 1;
+        let epoch = self.next_epoch;
+        self.brokers.insert(
+            id,
+            BrokerState {
+                epoch,
+                addr: addr.to_string(),
+                lease_until_ms: now_ms + self.lease_ms,
+                fenced: false,
+            },
+        );
+        let live = self.live();
+        for parts in self.topics.values_mut() {
+            for p in parts {
+                p.on_unfenced(id, &live);
+            }
+        }
+        self.version += 1;
+        epoch
+    }
+
+    /// A heartbeat of incarnation `epoch`: renews its lease, and unfences it if it was fenced.
+    pub fn heartbeat(&mut self, id: NodeId, epoch: u64, now_ms: u64) -> Result<(), ClusterError> {
+        let b = self.brokers.get_mut(&id).ok_or(ClusterError::StaleBroker)?;
+        if b.epoch != epoch {
+            return Err(ClusterError::StaleBroker);
+        }
+        b.lease_until_ms = now_ms + self.lease_ms;
+        if b.fenced {
+            b.fenced = false;
+            let live = self.live();
+            for parts in self.topics.values_mut() {
+                for p in parts {
+                    p.on_unfenced(id, &live);
+                }
+            }
+            self.version += 1;
+        }
+        Ok(())
+    }
+
+    fn fence(&mut self, id: NodeId) {
+        if let Some(b) = self.brokers.get_mut(&id) {
+            b.fenced = true;
+        }
+        let live = self.live();
+        for parts in self.topics.values_mut() {
+            for p in parts {
+                p.on_fenced(id, &live);
+            }
+        }
+        self.version += 1;
+    }
+
+    /// Fences every broker whose lease ran out; returns them.
+    pub fn tick(&mut self, now_ms: u64) -> Vec<NodeId> {
+        let expired: Vec<NodeId> = self
+            .brokers
+            .iter()
+            .filter(|(_, b)| !b.fenced && b.lease_until_ms < now_ms)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &expired {
+            self.fence(*id);
+        }
+        expired
+    }
+
+    /// Controlled shutdown of incarnation `epoch`: leadership moves away and the broker leaves
+    /// the ISRs now, rather than when its lease runs out.
+    pub fn shutdown(&mut self, id: NodeId, epoch: u64) -> Result<(), ClusterError> {
+        match self.brokers.get(&id) {
+            Some(b) if b.epoch == epoch => {
+                self.fence(id);
+                Ok(())
+            }
+            _ => Err(ClusterError::StaleBroker),
+        }
+    }
+
+    /// Creates a topic with `partitions` partitions of `replication` replicas each, spread
+    /// over the unfenced brokers: partition `p`'s replicas are the brokers (in id order) from
+    /// position `p` on, so leaders (the first replica) rotate over the brokers.
+    pub fn create_topic(
+        &mut self,
+        name: &str,
+        partitions: u32,
+        replication: usize,
+    ) -> Result<(), ClusterError> {
+        if self.topics.contains_key(name) {
+            return Err(ClusterError::TopicExists);
+        }
+        let live: Vec<NodeId> = self.live().into_iter().collect();
+        if replication == 0 || replication > live.len() {
+            return Err(ClusterError::NotEnoughBrokers {
+                wanted: replication,
+                live: live.len(),
+            });
+        }
+        let parts = (0..partitions as usize)
+            .map(|p| {
+                PartitionControl::new(
+                    (0..replication)
+                        .map(|i| live[(p + i) % live.len()])
+                        .collect(),
+                )
+            })
+            .collect();
+        self.topics.insert(name.to_string(), parts);
+        self.version += 1;
+        Ok(())
+    }
+
+    /// A leader's ISR change for one partition.
+    pub fn isr_proposal(
+        &mut self,
+        topic: &str,
+        partition: u32,
+        p: &IsrProposal,
+    ) -> Result<(), ClusterError> {
+        let live = self.live();
+        let part = self
+            .topics
+            .get_mut(topic)
+            .and_then(|t| t.get_mut(partition as usize))
+            .ok_or(ClusterError::UnknownPartition)?;
+        part.on_isr_proposal(p, &live).map_err(ClusterError::Isr)?;
+        self.version += 1;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod cluster_tests {
+    use super::*;
+
+    #[test]
+    fn placement_spreads_leaders_and_respects_live_brokers() {
+        let mut c = ClusterControl::new(100);
+        for id in [1, 2, 3] {
+            c.register(id, &format!("127.0.0.1:{}", 7400 + id), 0);
+        }
+        assert_eq!(
+            c.create_topic("t", 1, 4),
+            Err(ClusterError::NotEnoughBrokers { wanted: 4, live: 3 })
+        );
+        c.create_topic("t", 6, 3).unwrap();
+        assert_eq!(c.create_topic("t", 1, 1), Err(ClusterError::TopicExists));
+        let leaders: Vec<Option<NodeId>> = (0..6)
+            .map(|p| c.partition("t", p).unwrap().state().leader)
+            .collect();
+        assert_eq!(
+            leaders,
+            vec![Some(1), Some(2), Some(3), Some(1), Some(2), Some(3)]
+        );
+        for p in 0..6 {
+            assert_eq!(c.partition("t", p).unwrap().state().isr.len(), 3);
+        }
+    }
+
+    #[test]
+    fn leases_fence_and_new_incarnations_replace_old_ones() {
+        let mut c = ClusterControl::new(100);
+        let e1 = c.register(1, "a", 0);
+        let e2 = c.register(2, "b", 0);
+        c.register(3, "c", 0);
+        c.create_topic("t", 1, 3).unwrap();
+        // 2 and 3 keep heartbeating; 1 goes quiet.
+        for now in [50, 100, 150] {
+            c.heartbeat(2, e2, now).unwrap();
+            c.heartbeat(3, c.brokers()[&3].epoch, now).unwrap();
+        }
+        assert_eq!(c.tick(150), vec![1]);
+        let s = c.partition("t", 0).unwrap().state();
+        assert_eq!(s.leader, Some(2), "a new leader from the ISR");
+        assert!(!s.isr.contains(&1));
+        // 1 restarts: a new epoch; the old incarnation's heartbeats are refused.
+        let e1b = c.register(1, "a", 200);
+        assert!(e1b > e1);
+        assert_eq!(c.heartbeat(1, e1, 210), Err(ClusterError::StaleBroker));
+        c.heartbeat(1, e1b, 210).unwrap();
+        // Controlled shutdown moves leadership at once.
+        let v = c.version();
+        c.shutdown(2, e2).unwrap();
+        assert!(c.version() > v);
+        let s = c.partition("t", 0).unwrap().state();
+        assert_eq!(s.leader, Some(3));
+        assert_eq!(c.shutdown(2, e2 + 100), Err(ClusterError::StaleBroker));
+    }
+}

@@ -4,8 +4,9 @@
 //!
 //! - [`replication`]: one partition's replica on one node: leader (ISR, follower progress,
 //!   high watermark) or follower (pull, truncation by epoch lineage).
-//! - [`controller`]: the controller's view of a partition: leader, leader epoch, ISR,
-//!   clean election, compare-and-set ISR changes.
+//! - [`controller`]: the controller's state: brokers (epochs, leases, fencing), placement, and
+//!   per partition the leader, leader epoch and ISR, with clean election and compare-and-set
+//!   ISR changes. In the node this becomes the state machine of the Raft group.
 #![forbid(unsafe_code)]
 
 pub mod controller;

@@ -3,8 +3,9 @@
 //! stale or random nodes), fetches, fsyncs, message drops, delays and reordering, network
 //! partitions that isolate a node, crashes that lose what was not fsynced (one node, or all
 //! at once as in a power loss), and restarts. The
-//! controller is modelled as one reliable authority that fences a node whose heartbeats stop
-//! for a lease and streams its decisions to the nodes with delays.
+//! controller is the real `ClusterControl` (broker registration with epochs, leases, fencing,
+//! placement, ISR changes), run as one reliable authority (Raft is not simulated) whose
+//! decisions reach the nodes late.
 //!
 //! Checked all along: at most one node appends entries of any leader epoch; replicas agree
 //! below their high watermarks; an acknowledged offset is never given to another record.
@@ -17,9 +18,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::collections::{BTreeMap, BinaryHeap};
 
-use quiver_cluster::controller::PartitionControl;
+use quiver_cluster::controller::{ClusterControl, PartitionControl};
 use quiver_cluster::replication::{
     IsrProposal, LeaderAndIsr, Message, Replica, ReplicaLog, Settings,
 };
@@ -60,8 +61,6 @@ enum Event {
     Metadata { to: NodeId, state: LeaderAndIsr },
     /// A leader's ISR proposal arrives at the controller.
     Proposal(IsrProposal),
-    /// The controller decides that a node's lease expired.
-    LeaseCheck(NodeId),
 }
 
 struct Sim {
@@ -72,13 +71,12 @@ struct Sim {
     events: BTreeMap<u64, Event>,
     nodes: BTreeMap<NodeId, Option<Replica>>,
     disks: BTreeMap<NodeId, ReplicaLog>,
-    controller: PartitionControl,
-    /// Nodes the controller holds a valid lease for.
-    live: BTreeSet<NodeId>,
+    /// The controller: brokers with epochs and leases, and the partition `t`/0.
+    cluster: ClusterControl,
+    /// Each running node's broker epoch.
+    epochs: BTreeMap<NodeId, u64>,
     /// Nodes cut off from the others and from the controller, until the given time.
     isolated: BTreeMap<NodeId, u64>,
-    /// Last time each node reached the controller.
-    heartbeat: BTreeMap<NodeId, u64>,
     settings: Settings,
     /// Produced, not yet acknowledged: (node, epoch, offset, id).
     pending: Vec<(NodeId, Epoch, u64, u64)>,
@@ -97,11 +95,16 @@ impl Sim {
             lag_max_ms: 40,
             fetch_entries_max: 16,
         };
-        let controller = PartitionControl::new(NODES.to_vec());
+        let mut cluster = ClusterControl::new(LEASE_MS);
+        let epochs = NODES
+            .iter()
+            .map(|n| (*n, cluster.register(*n, "", 0)))
+            .collect();
+        cluster.create_topic("t", 1, NODES.len()).unwrap();
         let mut nodes = BTreeMap::new();
         for n in NODES {
             let mut r = Replica::new(n, settings, ReplicaLog::default());
-            r.on_leader_and_isr(controller.state(), 0);
+            r.on_leader_and_isr(cluster.partition("t", 0).unwrap().state(), 0);
             nodes.insert(n, Some(r));
         }
         Self {
@@ -112,10 +115,9 @@ impl Sim {
             events: BTreeMap::new(),
             nodes,
             disks: BTreeMap::new(),
-            controller,
-            live: NODES.into(),
+            cluster,
+            epochs,
             isolated: BTreeMap::new(),
-            heartbeat: NODES.iter().map(|n| (*n, 0)).collect(),
             settings,
             pending: Vec::new(),
             acked: BTreeMap::new(),
@@ -144,8 +146,12 @@ impl Sim {
         self.schedule(delay, Event::Deliver { from, to, msg });
     }
 
+    fn control(&self) -> &PartitionControl {
+        self.cluster.partition("t", 0).unwrap()
+    }
+
     fn broadcast_metadata(&mut self) {
-        let state = self.controller.state().clone();
+        let state = self.control().state().clone();
         for n in NODES {
             let delay = 1 + self.rng.below(15);
             self.schedule(
@@ -173,14 +179,12 @@ impl Sim {
         let mut r = Replica::new(n, self.settings, log);
         // A new incarnation registers: the old one is fenced first (its ISR membership was
         // for a log that may have lost its unsynced tail), then the new one unfenced.
-        self.live.remove(&n);
-        let mut changed = self.controller.on_fenced(n, &self.live);
-        self.live.insert(n);
-        changed |= self.controller.on_unfenced(n, &self.live);
-        r.on_leader_and_isr(self.controller.state(), self.now);
+        let before = self.cluster.version();
+        let epoch = self.cluster.register(n, "", self.now);
+        self.epochs.insert(n, epoch);
+        r.on_leader_and_isr(self.control().state(), self.now);
         self.nodes.insert(n, Some(r));
-        self.heartbeat.insert(n, self.now);
-        if changed {
+        if self.cluster.version() != before {
             self.broadcast_metadata();
         }
     }
@@ -215,25 +219,25 @@ impl Sim {
         // Heartbeats and leases.
         for n in NODES {
             if self.nodes[&n].is_some() && !self.cut(n) {
-                let was_fenced = !self.live.contains(&n);
-                self.heartbeat.insert(n, now);
-                if was_fenced {
-                    self.live.insert(n);
-                    if self.controller.on_unfenced(n, &self.live) {
-                        self.broadcast_metadata();
-                    }
-                    // A node back from a cut hears the current state.
-                    let state = self.controller.state().clone();
-                    self.schedule(1, Event::Metadata { to: n, state });
+                let before = self.cluster.version();
+                self.cluster
+                    .heartbeat(n, self.epochs[&n], now)
+                    .expect("the running incarnation heartbeats");
+                if self.cluster.version() != before {
+                    // Unfenced: the others and the node itself hear of it.
+                    self.broadcast_metadata();
                 }
-            } else if self.live.contains(&n) && now - self.heartbeat[&n] > LEASE_MS {
-                self.schedule(0, Event::LeaseCheck(n));
             }
+        }
+        let before = self.cluster.version();
+        self.cluster.tick(now);
+        if self.cluster.version() != before {
+            self.broadcast_metadata();
         }
         // Produces: mostly to the leader, some anywhere (stale leaders, followers).
         if self.faults && self.rng.chance(400_000) {
             let target = if self.rng.chance(900_000) {
-                self.controller.state().leader
+                self.control().state().leader
             } else {
                 Some(NODES[self.rng.below(3) as usize])
             };
@@ -330,16 +334,8 @@ impl Sim {
                 }
             }
             Event::Proposal(p) => {
-                if self.controller.on_isr_proposal(&p, &self.live).is_ok() {
+                if self.cluster.isr_proposal("t", 0, &p).is_ok() {
                     self.broadcast_metadata();
-                }
-            }
-            Event::LeaseCheck(n) => {
-                if self.live.contains(&n) && now - self.heartbeat[&n] > LEASE_MS {
-                    self.live.remove(&n);
-                    if self.controller.on_fenced(n, &self.live) {
-                        self.broadcast_metadata();
-                    }
                 }
             }
         }
@@ -407,7 +403,7 @@ impl Sim {
             self.step();
             self.now += 1;
         }
-        let state = self.controller.state().clone();
+        let state = self.control().state().clone();
         let leader = state.leader.expect("a leader after healing");
         let l = self.nodes[&leader].as_ref().expect("the leader runs");
         let entries = l.log().entries();
@@ -441,12 +437,12 @@ impl Sim {
             let r = self.nodes[&n].as_ref().expect("all run");
             assert_eq!(r.log().entries(), entries, "replica {n} did not catch up");
         }
-        let epochs: Vec<Epoch> = self.controller.history().iter().map(|(e, _)| *e).collect();
+        let epochs: Vec<Epoch> = self.control().history().iter().map(|(e, _)| *e).collect();
         assert!(
             epochs.windows(2).all(|w| w[0] < w[1]),
             "one leader per epoch"
         );
-        (self.acked.len(), self.controller.state().epoch as u64)
+        (self.acked.len(), self.control().state().epoch as u64)
     }
 }
 
