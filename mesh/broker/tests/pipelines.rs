@@ -15,11 +15,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{client, start, wasm};
-use quiver_client::{
-    Client, Consumer, ConsumerConfig, ConsumerRecord, ErrorCode, Producer, ProducerConfig,
-    ProducerRecord, SeekTo,
-};
+use common::{client, read_all, start, wasm};
+use quiver_client::{Client, ConsumerRecord, ErrorCode, Producer, ProducerConfig, ProducerRecord};
 use quiver_proto::messages::{PipelineInfo, PipelineSpec};
 use quiver_test_artifacts as guests;
 
@@ -67,20 +64,6 @@ async fn produce_raw(c: &Client, topic: &str, values: &[&str]) {
     producer.flush().await.unwrap();
     for d in deliveries {
         d.await.unwrap();
-    }
-}
-
-async fn read_all(c: &Client, topic: &str) -> Vec<ConsumerRecord> {
-    let mut consumer = Consumer::new(c.clone(), topic, None, ConsumerConfig::default())
-        .await
-        .unwrap();
-    consumer.seek_all(SeekTo::Earliest).await.unwrap();
-    let mut out = Vec::new();
-    loop {
-        out.extend(consumer.poll().await.unwrap());
-        if consumer.caught_up() {
-            return out;
-        }
     }
 }
 

@@ -15,11 +15,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{client, start, wasm};
-use quiver_client::{
-    Client, Consumer, ConsumerConfig, ConsumerRecord, ErrorCode, Producer, ProducerConfig,
-    ProducerRecord, SeekTo,
-};
+use common::{client, header, read_all, start, wasm};
+use quiver_client::{Client, ConsumerRecord, ErrorCode, Producer, ProducerConfig, ProducerRecord};
 use quiver_test_artifacts as guests;
 
 fn kv(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -64,30 +61,8 @@ async fn produce(
     out
 }
 
-async fn read_all(c: &Client, topic: &str) -> Vec<ConsumerRecord> {
-    let mut consumer = Consumer::new(c.clone(), topic, None, ConsumerConfig::default())
-        .await
-        .unwrap();
-    consumer.seek_all(SeekTo::Earliest).await.unwrap();
-    let mut out = Vec::new();
-    loop {
-        out.extend(consumer.poll().await.unwrap());
-        if consumer.caught_up() {
-            return out;
-        }
-    }
-}
-
 fn value(r: &ConsumerRecord) -> String {
     String::from_utf8(r.value.as_ref().unwrap().to_vec()).unwrap()
-}
-
-fn header(r: &ConsumerRecord, name: &str) -> Option<String> {
-    r.headers
-        .iter()
-        .find(|(k, _)| k == name)
-        .and_then(|(_, v)| v.as_ref())
-        .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
 const CHAIN: &str = "filter-json field=level op=ne value=debug | redact@1.0.0 fields=ssn";
