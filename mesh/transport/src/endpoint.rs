@@ -58,8 +58,31 @@ impl Server {
         alpn: &[u8],
         settings: &TransportSettings,
     ) -> Result<Self, TransportError> {
-        let crypto = QuicServerConfig::try_from(identity.rustls_config(alpn)?)
-            .map_err(|e| TlsError::Config(e.to_string()))?;
+        Self::bind_with(addr, identity.rustls_config(alpn)?, settings)
+    }
+
+    /// A peer endpoint: as [`bind`](Self::bind) with ALPN `quiver-peer/1`, and every
+    /// connecting node must present a certificate issued by a CA `peers` trusts.
+    pub fn bind_peer(
+        addr: SocketAddr,
+        identity: &ServerIdentity,
+        peers: &ClientTrust,
+        settings: &TransportSettings,
+    ) -> Result<Self, TransportError> {
+        Self::bind_with(
+            addr,
+            identity.rustls_peer_config(crate::ALPN_PEER, peers)?,
+            settings,
+        )
+    }
+
+    fn bind_with(
+        addr: SocketAddr,
+        tls: rustls::ServerConfig,
+        settings: &TransportSettings,
+    ) -> Result<Self, TransportError> {
+        let crypto =
+            QuicServerConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
         let (transport, endpoint_config) = quinn_configs(settings)?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         config
@@ -178,8 +201,28 @@ impl Client {
         alpn: &[u8],
         settings: &TransportSettings,
     ) -> Result<Self, TransportError> {
-        let crypto = QuicClientConfig::try_from(trust.rustls_config(alpn)?)
-            .map_err(|e| TlsError::Config(e.to_string()))?;
+        Self::new_with(trust.rustls_config(alpn)?, settings)
+    }
+
+    /// A node's endpoint towards its peers: ALPN `quiver-peer/1`, servers verified against
+    /// `trust`, and `identity` presented as the client certificate.
+    pub fn new_peer(
+        trust: &ClientTrust,
+        identity: &ServerIdentity,
+        settings: &TransportSettings,
+    ) -> Result<Self, TransportError> {
+        Self::new_with(
+            trust.rustls_peer_config(crate::ALPN_PEER, identity)?,
+            settings,
+        )
+    }
+
+    fn new_with(
+        tls: rustls::ClientConfig,
+        settings: &TransportSettings,
+    ) -> Result<Self, TransportError> {
+        let crypto =
+            QuicClientConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
         let (transport, endpoint_config) = quinn_configs(settings)?;
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
         config.transport_config(transport);

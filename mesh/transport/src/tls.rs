@@ -61,12 +61,27 @@ impl ServerIdentity {
         dir: &Path,
         extra_names: &[String],
     ) -> Result<(Self, PathBuf), TlsError> {
-        fs::create_dir_all(dir).map_err(|source| TlsError::Io {
-            path: dir.to_owned(),
-            source,
-        })?;
-        let ca_cert_path = dir.join("ca.pem");
-        let ca_key_path = dir.join("ca.key");
+        Self::load_or_generate_dev_with_ca(dir, dir, extra_names)
+    }
+
+    /// As [`load_or_generate_dev`](Self::load_or_generate_dev), with the development CA kept
+    /// in `ca_dir` rather than beside the server certificate: nodes of one development cluster
+    /// on one machine share a CA directory, so they trust each other (and a client trusts all
+    /// of them with one `ca.pem`). The certificate also serves as the node's client
+    /// certificate towards its peers.
+    pub fn load_or_generate_dev_with_ca(
+        dir: &Path,
+        ca_dir: &Path,
+        extra_names: &[String],
+    ) -> Result<(Self, PathBuf), TlsError> {
+        for d in [dir, ca_dir] {
+            fs::create_dir_all(d).map_err(|source| TlsError::Io {
+                path: d.to_owned(),
+                source,
+            })?;
+        }
+        let ca_cert_path = ca_dir.join("ca.pem");
+        let ca_key_path = ca_dir.join("ca.key");
         let cert_path = dir.join("server.pem");
         let key_path = dir.join("server.key");
         let names_path = dir.join("server.names");
@@ -77,7 +92,13 @@ impl ServerIdentity {
                 names.push(name.clone());
             }
         }
-        let names_text = names.join("\n") + "\n";
+        // The record also names the CA and the key usages, so a certificate issued by another
+        // CA, or before peers authenticated with it, is issued anew.
+        let names_text = format!(
+            "{}\n# ca {}\n# usage server,client\n",
+            names.join("\n"),
+            ca_cert_path.display()
+        );
 
         // The CA is reused only when both halves exist: a crash between writing the key and the
         // certificate leaves a key alone, and then both are made anew.
@@ -109,7 +130,10 @@ impl ServerIdentity {
                 .push(DnType::CommonName, "quiver node");
             params.is_ca = IsCa::NoCa;
             params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+            params.extended_key_usages = vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ];
             let key = KeyPair::generate().map_err(generate_error)?;
             let cert = params.signed_by(&key, &issuer).map_err(generate_error)?;
             write_file(&key_path, key.serialize_pem().as_bytes(), true)?;
@@ -127,6 +151,33 @@ impl ServerIdentity {
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(config_error)?
             .with_no_client_auth()
+            .with_single_cert(self.cert_chain.clone(), self.key.clone_key())
+            .map_err(config_error)?;
+        config.alpn_protocols = vec![alpn.to_vec()];
+        debug_assert_eq!(config.max_early_data_size, 0);
+        Ok(config)
+    }
+}
+
+impl ServerIdentity {
+    /// rustls server config of a peer endpoint: as [`rustls_config`](Self::rustls_config),
+    /// and the connecting node must present a certificate issued by a CA of `peers` (mutual
+    /// TLS), so that only cluster members speak the peer protocol.
+    pub(crate) fn rustls_peer_config(
+        &self,
+        alpn: &[u8],
+        peers: &ClientTrust,
+    ) -> Result<rustls::ServerConfig, TlsError> {
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::clone(&peers.roots),
+            provider(),
+        )
+        .build()
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(config_error)?
+            .with_client_cert_verifier(verifier)
             .with_single_cert(self.cert_chain.clone(), self.key.clone_key())
             .map_err(config_error)?;
         config.alpn_protocols = vec![alpn.to_vec()];
@@ -171,6 +222,25 @@ impl ClientTrust {
             .map_err(config_error)?
             .with_root_certificates(Arc::clone(&self.roots))
             .with_no_client_auth();
+        config.alpn_protocols = vec![alpn.to_vec()];
+        Ok(config)
+    }
+}
+
+impl ClientTrust {
+    /// rustls client config of a node connecting to a peer: as
+    /// [`rustls_config`](Self::rustls_config), presenting `identity` as its client certificate.
+    pub(crate) fn rustls_peer_config(
+        &self,
+        alpn: &[u8],
+        identity: &ServerIdentity,
+    ) -> Result<rustls::ClientConfig, TlsError> {
+        let mut config = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(config_error)?
+            .with_root_certificates(Arc::clone(&self.roots))
+            .with_client_auth_cert(identity.cert_chain.clone(), identity.key.clone_key())
+            .map_err(config_error)?;
         config.alpn_protocols = vec![alpn.to_vec()];
         Ok(config)
     }

@@ -323,3 +323,57 @@ async fn connections_beyond_the_limit_are_refused() -> Result<()> {
     })
     .await
 }
+
+/// A peer endpoint with mutual TLS: nodes whose certificates share its CA get through; a
+/// client without a certificate, or with one from another CA, never completes a round trip.
+#[tokio::test]
+async fn peer_endpoints_require_a_certificate_from_the_cluster_ca() -> Result<()> {
+    bounded(async {
+        let ca_dir = tempfile::tempdir()?;
+        let node_dir = |n: &str| ca_dir.path().join(n);
+        let (server_id, ca) =
+            ServerIdentity::load_or_generate_dev_with_ca(&node_dir("a"), ca_dir.path(), &[])?;
+        let trust = ClientTrust::from_ca_file(&ca)?;
+        let server = Arc::new(Server::bind_peer(
+            "127.0.0.1:0".parse()?,
+            &server_id,
+            &trust,
+            &TransportSettings::default(),
+        )?);
+        let addr = server.local_addr()?.to_string();
+        let accepting = Arc::clone(&server);
+        tokio::spawn(async move {
+            while let Some(conn) = accepting.accept().await {
+                tokio::spawn(serve_echo(conn));
+            }
+        });
+
+        // A second node of the same cluster: same CA directory, its own certificate.
+        let (peer_id, peer_ca) =
+            ServerIdentity::load_or_generate_dev_with_ca(&node_dir("b"), ca_dir.path(), &[])?;
+        assert_eq!(peer_ca, ca, "one CA for the cluster");
+        let peer = Client::new_peer(&trust, &peer_id, &TransportSettings::default())?;
+        let conn = peer.connect(&addr, None).await?;
+        assert_eq!(&round_trip(&conn, b"hello peer").await?[..], b"hello peer");
+
+        // A plain client speaking the peer ALPN, with no certificate.
+        let anonymous = Client::new(&trust, ALPN_PEER, &TransportSettings::default())?;
+        let refused = match anonymous.connect(&addr, None).await {
+            Err(_) => true,
+            Ok(conn) => round_trip(&conn, b"let me in").await.is_err(),
+        };
+        ensure!(refused, "a client without a certificate reached the peer endpoint");
+
+        // A node of another cluster: its certificate is issued by another CA.
+        let other = tempfile::tempdir()?;
+        let (other_id, _) = ServerIdentity::load_or_generate_dev(other.path(), &[])?;
+        let stranger = Client::new_peer(&trust, &other_id, &TransportSettings::default())?;
+        let refused = match stranger.connect(&addr, None).await {
+            Err(_) => true,
+            Ok(conn) => round_trip(&conn, b"let me in").await.is_err(),
+        };
+        ensure!(refused, "a certificate of another CA reached the peer endpoint");
+        Ok(())
+    })
+    .await
+}
