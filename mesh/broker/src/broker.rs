@@ -22,8 +22,19 @@ pub type PolicySlot = Arc<tokio::sync::Mutex<Option<(String, RunningChain)>>>;
 pub struct Topic {
     /// Effective settings.
     pub config: TopicConfig,
-    /// Partitions in index order.
-    pub partitions: Vec<Arc<Partition>>,
+    /// Partitions in index order; `None` for a partition this node holds no replica of
+    /// (cluster mode).
+    pub partitions: Vec<Option<Arc<Partition>>>,
+}
+
+impl Topic {
+    /// The partitions this node hosts, with their index.
+    pub fn hosted(&self) -> impl Iterator<Item = (u32, &Arc<Partition>)> {
+        self.partitions
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| p.as_ref().map(|p| (i as u32, p)))
+    }
 }
 
 /// An admin operation failed.
@@ -132,7 +143,7 @@ impl Broker {
     fn remove_orphans(&self, known: &[(TopicName, TopicConfig)]) -> anyhow::Result<()> {
         let keep: std::collections::HashSet<PathBuf> = known
             .iter()
-            .flat_map(|(n, c)| (0..c.partitions).map(move |p| self.partition_dir(n, p)))
+            .flat_map(|(n, c)| c.hosted_partitions().map(move |p| self.partition_dir(n, p)))
             .collect();
         for entry in std::fs::read_dir(&self.logs_dir)? {
             let path = entry?.path();
@@ -163,10 +174,11 @@ impl Broker {
         name: &TopicName,
         config: &TopicConfig,
     ) -> Result<Arc<Topic>, PartitionError> {
-        let mut partitions = Vec::with_capacity(config.partitions as usize);
-        for p in 0..config.partitions {
+        let mut partitions = vec![None; config.partitions as usize];
+        for p in config.hosted_partitions() {
             let dir = self.partition_dir(name, p);
-            partitions.push(Partition::open(name.clone(), PartitionId(p), dir, config).await?);
+            partitions[p as usize] =
+                Some(Partition::open(name.clone(), PartitionId(p), dir, config).await?);
         }
         Ok(Arc::new(Topic {
             config: config.clone(),
@@ -188,11 +200,23 @@ impl Broker {
     /// A partition by topic name and index, or the error to report.
     pub fn partition(&self, topic: &str, partition: u32) -> Result<Arc<Partition>, PartitionError> {
         self.topic(topic)
-            .and_then(|t| t.partitions.get(partition as usize).cloned())
+            .and_then(|t| t.partitions.get(partition as usize).cloned().flatten())
             .ok_or_else(|| PartitionError {
                 code: ErrorCode::UnknownTopicOrPartition,
                 message: format!("unknown topic or partition {topic}/{partition}"),
             })
+    }
+
+    /// A partition this node leads, for client produce, fetch and offset requests; a follower
+    /// answers `not_leader`.
+    pub fn leader_partition(
+        &self,
+        topic: &str,
+        partition: u32,
+    ) -> Result<Arc<Partition>, PartitionError> {
+        let p = self.partition(topic, partition)?;
+        p.check_leader()?;
+        Ok(p)
     }
 
     /// All topics, sorted by name.
@@ -206,13 +230,14 @@ impl Broker {
         v
     }
 
-    /// Creates a topic with `partitions` partitions and settings on top of the node defaults.
-    pub async fn create_topic(
+    /// Checks a new topic's name, partition count and settings (on top of the node defaults)
+    /// and returns its effective settings.
+    pub fn resolve_new_topic(
         &self,
         name: &str,
         partitions: u32,
         configs: &[(String, String)],
-    ) -> Result<(), AdminError> {
+    ) -> Result<(TopicName, TopicConfig), AdminError> {
         let name = TopicName::new(name)
             .map_err(|e| AdminError::new(ErrorCode::InvalidTopic, e.to_string()))?;
         if partitions == 0 || partitions > PARTITIONS_MAX {
@@ -225,9 +250,73 @@ impl Broker {
         config
             .apply(&self.topic_defaults)
             .and_then(|_| config.apply(configs))
+            .and_then(|_| config.check())
             .map_err(|e| AdminError::new(ErrorCode::InvalidConfig, e))?;
-        let _guard = self.admin.lock().await;
         self.check_policy(&name, &config)?;
+        Ok((name, config))
+    }
+
+    /// Hosts the partitions `config.hosted` names of a topic the controller placed (cluster
+    /// mode): creates the topic locally, or opens partitions newly placed here. Idempotent.
+    pub async fn host_topic(
+        &self,
+        name: &TopicName,
+        config: &TopicConfig,
+    ) -> Result<(), AdminError> {
+        let _guard = self.admin.lock().await;
+        let existing = self.topics.get(name).map(|t| t.clone());
+        match existing {
+            None => {
+                if !self.catalog.insert(name, config)? {
+                    self.catalog.update(name, config)?;
+                }
+                let topic = self.open_topic(name, config).await?;
+                self.topics.insert(name.clone(), topic);
+                tracing::info!(topic = %name, hosted = ?config.hosted, "hosting topic");
+            }
+            Some(t) if t.config.hosted != config.hosted => {
+                let mut partitions = t.partitions.clone();
+                partitions.resize(config.partitions as usize, None);
+                for p in config.hosted_partitions() {
+                    if partitions[p as usize].is_none() {
+                        let dir = self.partition_dir(name, p);
+                        partitions[p as usize] =
+                            Some(Partition::open(name.clone(), PartitionId(p), dir, config).await?);
+                    }
+                }
+                self.catalog.update(name, config)?;
+                self.topics.insert(
+                    name.clone(),
+                    Arc::new(Topic {
+                        config: config.clone(),
+                        partitions,
+                    }),
+                );
+                tracing::info!(topic = %name, hosted = ?config.hosted, "hosted partitions changed");
+            }
+            Some(_) => {}
+        }
+        Ok(())
+    }
+
+    /// Creates a topic with `partitions` partitions and settings on top of the node defaults.
+    pub async fn create_topic(
+        &self,
+        name: &str,
+        partitions: u32,
+        configs: &[(String, String)],
+    ) -> Result<(), AdminError> {
+        let (name, config) = self.resolve_new_topic(name, partitions, configs)?;
+        if config.replication_factor > 1 {
+            return Err(AdminError::new(
+                ErrorCode::InvalidReplicationFactor,
+                format!(
+                    "replication.factor {} needs a cluster; this node runs alone",
+                    config.replication_factor
+                ),
+            ));
+        }
+        let _guard = self.admin.lock().await;
         if self.topics.contains_key(&name) || !self.catalog.insert(&name, &config)? {
             return Err(AdminError::new(
                 ErrorCode::TopicAlreadyExists,
@@ -397,7 +486,7 @@ impl Broker {
         // The delete always rolls forward once the topic left the table: a partition that
         // cannot be renamed or removed now is logged and tidied at the next start (its
         // directory is then unknown to the catalog and moved aside, or `*.deleted` and removed).
-        for p in &topic.partitions {
+        for (_, p) in topic.hosted() {
             p.begin_delete();
             p.close().await;
             if let Err(e) = p.mark_deleted().await {
@@ -405,7 +494,7 @@ impl Broker {
             }
         }
         self.catalog.remove(&name)?;
-        for p in &topic.partitions {
+        for (_, p) in topic.hosted() {
             if let Err(e) = p.remove_files().await {
                 tracing::warn!(topic = %name, partition = p.id().0, error = %e, "could not remove a deleted partition; removed at the next start");
             }
@@ -417,7 +506,7 @@ impl Broker {
     /// Runs retention on every partition. Blocking: call from a blocking thread.
     pub fn enforce_retention_blocking(&self) {
         for (_, topic) in self.topics() {
-            for p in &topic.partitions {
+            for (_, p) in topic.hosted() {
                 if let Err(e) = p.enforce_retention_blocking() {
                     tracing::warn!(topic = %p.topic(), partition = p.id().0, error = %e, "retention failed");
                 }
@@ -428,7 +517,7 @@ impl Broker {
     /// Stops every partition's appender after flushing.
     pub async fn close(&self) {
         for (_, topic) in self.topics() {
-            for p in &topic.partitions {
+            for (_, p) in topic.hosted() {
                 p.close().await;
             }
         }

@@ -50,6 +50,68 @@ pub struct BrokerConfig {
     pub topic_defaults: std::collections::BTreeMap<String, String>,
     /// QUIC transport tuning.
     pub transport: TransportConfig,
+    /// Cluster mode (absent: the node runs alone).
+    pub cluster: ClusterConfig,
+}
+
+/// Cluster settings. A node is in cluster mode when `controller_voters` is not empty.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Node ids of the controller voters: 1, 3 or 5 nodes (the same list on every node).
+    pub controller_voters: Vec<u32>,
+    /// Peer addresses to start from; they must include the voters'.
+    pub seeds: Vec<String>,
+    /// UDP address of the peer endpoint (`quiver-peer/1`); default: the client port + 1.
+    pub peer_listen: Option<SocketAddr>,
+    /// Peer address given to other nodes; defaults to `peer_listen`.
+    pub peer_advertised_addr: Option<String>,
+    /// Directory of the development CA shared by the nodes of a development cluster (nodes
+    /// generate their certificates from it); default: the node's own `tls` directory.
+    pub dev_ca_dir: Option<PathBuf>,
+    /// With `tls_cert`/`tls_key`: the CA that issued every node's certificate (peers
+    /// authenticate each other against it).
+    pub peer_ca: Option<PathBuf>,
+    /// How often a broker heartbeats the active controller, ms.
+    pub heartbeat_ms: u64,
+    /// A broker that has not heartbeated for this long is fenced, ms.
+    pub lease_ms: u64,
+    /// Controller election timeout, ms (randomised between this and twice it).
+    pub election_timeout_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            controller_voters: Vec::new(),
+            seeds: Vec::new(),
+            peer_listen: None,
+            peer_advertised_addr: None,
+            dev_ca_dir: None,
+            peer_ca: None,
+            heartbeat_ms: 500,
+            lease_ms: 3_000,
+            election_timeout_ms: 1_000,
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// Whether the node runs in a cluster.
+    pub fn enabled(&self) -> bool {
+        !self.controller_voters.is_empty()
+    }
+
+    /// The peer endpoint's address for a node listening for clients at `listen`.
+    pub fn peer_listen(&self, listen: SocketAddr) -> SocketAddr {
+        self.peer_listen.unwrap_or_else(|| {
+            let mut a = listen;
+            if a.port() != 0 {
+                a.set_port(a.port().wrapping_add(1));
+            }
+            a
+        })
+    }
 }
 
 impl Default for BrokerConfig {
@@ -73,6 +135,7 @@ impl Default for BrokerConfig {
             shutdown_grace_ms: 10_000,
             topic_defaults: Default::default(),
             transport: TransportConfig::default(),
+            cluster: ClusterConfig::default(),
         }
     }
 }

@@ -87,6 +87,41 @@ pub fn metadata(broker: &Broker, advertised: &str, req: MetadataRequest) -> Meta
     }
 }
 
+/// ClusterStatus of a node that runs alone: `not_in_cluster`, describing the node and its
+/// partitions (all led by it).
+pub fn single_node_status(broker: &Broker, advertised: &str) -> ClusterStatusResponse {
+    let partitions = broker
+        .topics()
+        .into_iter()
+        .flat_map(|(name, t)| {
+            (0..t.config.partitions).map(move |p| PartitionLeadership {
+                topic: name.to_string(),
+                partition: p,
+                leader: broker.node_id(),
+                leader_epoch: 0,
+                replicas: vec![broker.node_id()],
+                isr: vec![broker.node_id()],
+            })
+        })
+        .collect();
+    ClusterStatusResponse {
+        status: Status::err(ErrorCode::NotInCluster, "this node runs alone"),
+        node_id: broker.node_id(),
+        controller: 0,
+        term: 0,
+        applied: 0,
+        members: vec![ClusterMember {
+            node_id: broker.node_id(),
+            addr: advertised.to_string(),
+            peer_addr: String::new(),
+            role: RaftRole::None,
+            state: MemberState::Live,
+            broker_epoch: 0,
+        }],
+        partitions,
+    }
+}
+
 /// Creates topics, one result each.
 pub async fn create_topics(broker: &Broker, req: CreateTopicsRequest) -> CreateTopicsResponse {
     let mut results = Vec::with_capacity(req.topics.len());
@@ -273,7 +308,7 @@ fn describe_topics_blocking(broker: &Broker, req: DescribeTopicsRequest) -> Desc
             };
             let mut partitions = Vec::with_capacity(t.partitions.len());
             let mut status = Status::ok();
-            for p in &t.partitions {
+            for (_, p) in t.hosted() {
                 match p.state() {
                     Ok(s) => partitions.push(PartitionDescription {
                         partition: p.id().0,
@@ -504,7 +539,7 @@ pub async fn produce(
         let topic = broker.topic(&t.name);
         for p in t.partitions {
             let checked = broker
-                .partition(&t.name, p.partition)
+                .leader_partition(&t.name, p.partition)
                 .map_err(|e| status_of(&e))
                 .and_then(|part| {
                     let record_max = topic
@@ -640,7 +675,7 @@ pub async fn fetch(
                 });
                 continue;
             }
-            match broker.partition(&t.name, p.partition) {
+            match broker.leader_partition(&t.name, p.partition) {
                 Ok(part) => {
                     slot_index.push((ti, parts.len()));
                     slots.push(FetchSlot {
@@ -796,47 +831,49 @@ async fn read_slots(slots: &[FetchSlot], max_bytes: usize) -> Vec<(usize, FetchP
 pub async fn list_offsets(broker: &Arc<Broker>, req: ListOffsetsRequest) -> ListOffsetsResponse {
     let broker = broker.clone();
     let lookup = move || {
-        let topics = req
-            .topics
-            .into_iter()
-            .map(|t| {
-                let partitions = t
-                    .partitions
-                    .iter()
-                    .map(|p| {
-                        let answer = broker.partition(&t.name, p.partition).and_then(|part| {
-                            let s = part.state()?;
-                            Ok(match p.timestamp {
-                                EARLIEST_TIMESTAMP => (s.log_start_offset as i64, -1),
-                                LATEST_TIMESTAMP => (s.high_watermark as i64, -1),
-                                ts => match part.offset_for_timestamp_blocking(ts)? {
-                                    Some((o, t)) => (o as i64, t),
-                                    None => (-1, -1),
-                                },
+        let topics =
+            req.topics
+                .into_iter()
+                .map(|t| {
+                    let partitions =
+                        t.partitions
+                            .iter()
+                            .map(|p| {
+                                let answer = broker
+                                    .leader_partition(&t.name, p.partition)
+                                    .and_then(|part| {
+                                        let s = part.state()?;
+                                        Ok(match p.timestamp {
+                                            EARLIEST_TIMESTAMP => (s.log_start_offset as i64, -1),
+                                            LATEST_TIMESTAMP => (s.high_watermark as i64, -1),
+                                            ts => match part.offset_for_timestamp_blocking(ts)? {
+                                                Some((o, t)) => (o as i64, t),
+                                                None => (-1, -1),
+                                            },
+                                        })
+                                    });
+                                match answer {
+                                    Ok((offset, timestamp)) => ListOffsetsPartitionResponse {
+                                        partition: p.partition,
+                                        status: Status::ok(),
+                                        offset,
+                                        timestamp,
+                                    },
+                                    Err(e) => ListOffsetsPartitionResponse {
+                                        partition: p.partition,
+                                        status: status_of(&e),
+                                        offset: -1,
+                                        timestamp: -1,
+                                    },
+                                }
                             })
-                        });
-                        match answer {
-                            Ok((offset, timestamp)) => ListOffsetsPartitionResponse {
-                                partition: p.partition,
-                                status: Status::ok(),
-                                offset,
-                                timestamp,
-                            },
-                            Err(e) => ListOffsetsPartitionResponse {
-                                partition: p.partition,
-                                status: status_of(&e),
-                                offset: -1,
-                                timestamp: -1,
-                            },
-                        }
-                    })
-                    .collect();
-                ListOffsetsTopicResponse {
-                    name: t.name,
-                    partitions,
-                }
-            })
-            .collect();
+                            .collect();
+                    ListOffsetsTopicResponse {
+                        name: t.name,
+                        partitions,
+                    }
+                })
+                .collect();
         ListOffsetsResponse { topics }
     };
     tokio::task::spawn_blocking(lookup)

@@ -16,6 +16,7 @@ pub mod broker;
 pub mod catalog;
 pub mod chains;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod handlers;
 pub mod node;

@@ -23,6 +23,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::broker::Broker;
 use crate::chains::ConnectionChains;
+use crate::cluster::{Cluster, ClusterSettings};
 use crate::config::BrokerConfig;
 use crate::handlers::{self, HandlerLimits};
 use crate::order::{ProduceOrder, Turn};
@@ -40,6 +41,7 @@ const FETCH_CHAINS_PER_CONNECTION_MAX: usize = 64;
 
 struct Shared {
     broker: Arc<Broker>,
+    cluster: Option<Arc<Cluster>>,
     pipelines: Arc<Pipelines>,
     limits: HandlerLimits,
     advertised: String,
@@ -64,6 +66,8 @@ pub struct Node {
     retention_task: tokio::task::JoinHandle<()>,
     /// Writes guest log lines to the plugin log topic.
     log_task: Option<tokio::task::JoinHandle<()>>,
+    /// Makes local partitions follow the cluster metadata.
+    reconcile_task: Option<tokio::task::JoinHandle<()>>,
     grace: Duration,
 }
 
@@ -82,11 +86,14 @@ impl Node {
         std::fs::create_dir_all(&config.data_dir).map_err(|e| {
             anyhow::anyhow!("cannot create data dir {}: {e}", config.data_dir.display())
         })?;
+        let tls_dir = config.data_dir.join("tls");
         let (identity, ca_file) = match (&config.tls_cert, &config.tls_key) {
             (Some(cert), Some(key)) => (ServerIdentity::from_pem_files(cert, key)?, None),
             (None, None) => {
-                let (id, ca) = ServerIdentity::load_or_generate_dev(
-                    &config.data_dir.join("tls"),
+                let ca_dir = config.cluster.dev_ca_dir.clone().unwrap_or(tls_dir.clone());
+                let (id, ca) = ServerIdentity::load_or_generate_dev_with_ca(
+                    &tls_dir,
+                    &ca_dir,
                     &config.tls_dev_names,
                 )?;
                 (id, Some(ca))
@@ -106,6 +113,43 @@ impl Node {
             .advertised_addr
             .clone()
             .unwrap_or_else(|| local_addr.to_string());
+        let cluster = match config.cluster.enabled() {
+            false => None,
+            true => {
+                let c = &config.cluster;
+                let peer_ca = c.peer_ca.clone().or(ca_file.clone()).ok_or_else(|| {
+                    anyhow::anyhow!("cluster mode with tls_cert needs cluster.peer_ca, the CA of every node's certificate")
+                })?;
+                let trust = quiver_transport::ClientTrust::from_ca_file(&peer_ca)?;
+                let settings = ClusterSettings {
+                    node_id: config.node_id,
+                    client_addr: advertised.clone(),
+                    peer_addr: c.peer_advertised_addr.clone().unwrap_or_default(),
+                    seeds: c.seeds.clone(),
+                    voters: c.controller_voters.iter().copied().collect(),
+                    heartbeat: Duration::from_millis(c.heartbeat_ms.max(10)),
+                    lease: Duration::from_millis(c.lease_ms.max(c.heartbeat_ms * 2)),
+                    election_timeout_ms: (
+                        c.election_timeout_ms.max(50),
+                        c.election_timeout_ms.max(50) * 2,
+                    ),
+                    raft_heartbeat_ms: (c.election_timeout_ms / 4).max(10),
+                };
+                let (cluster, _) = Cluster::start(
+                    settings,
+                    &config.data_dir,
+                    c.peer_listen(local_addr),
+                    &identity,
+                    &trust,
+                    &config.transport.settings(),
+                )
+                .await?;
+                Some(cluster)
+            }
+        };
+        let reconcile_task = cluster
+            .as_ref()
+            .map(|c| tokio::spawn(crate::cluster::admin::reconcile(c.clone(), broker.clone())));
         let pipelines = Pipelines::open(broker.clone(), broker.catalog())?;
         let log_task = broker
             .plugins()
@@ -113,6 +157,7 @@ impl Node {
             .map(|rx| tokio::spawn(crate::plugins::write_logs(broker.clone(), rx)));
         let shared = Arc::new(Shared {
             broker,
+            cluster,
             pipelines,
             limits: HandlerLimits {
                 request_bytes_max: config.request_bytes_max,
@@ -149,6 +194,7 @@ impl Node {
             accept_task,
             retention_task,
             log_task,
+            reconcile_task,
             grace: Duration::from_millis(config.shutdown_grace_ms),
         })
     }
@@ -163,6 +209,11 @@ impl Node {
         self.ca_file.as_ref()
     }
 
+    /// The node's part in its cluster, in cluster mode.
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.shared.cluster.as_ref()
+    }
+
     /// The node's data plane (for tests and tools in the same process).
     pub fn broker(&self) -> &Arc<Broker> {
         &self.shared.broker
@@ -172,6 +223,10 @@ impl Node {
     /// `shutdown_grace_ms`), flush and close every partition, close QUIC.
     pub async fn shutdown(self) {
         tracing::info!("shutting down");
+        // Leadership moves away first, while this node still serves its followers.
+        if let Some(c) = &self.shared.cluster {
+            c.controlled_shutdown().await;
+        }
         self.shared.shutdown.cancel();
         self.accept_task.abort();
         self.retention_task.abort();
@@ -193,6 +248,13 @@ impl Node {
         if let Some(t) = self.log_task {
             t.abort();
             let _ = t.await;
+        }
+        if let Some(t) = self.reconcile_task {
+            t.abort();
+            let _ = t.await;
+        }
+        if let Some(c) = &self.shared.cluster {
+            c.stop().await;
         }
         self.shared.broker.close().await;
         self.server
@@ -531,14 +593,33 @@ async fn dispatch(
             decode::<ApiVersionsRequest>(body)?;
             one(&handlers::api_versions())
         }
-        ApiKey::Metadata => one(&handlers::metadata(
-            broker,
-            &shared.advertised,
-            decode(body)?,
-        )),
-        ApiKey::CreateTopics => one(&handlers::create_topics(broker, decode(body)?).await),
-        ApiKey::DeleteTopics => {
-            one(&handlers::delete_topics(broker, &shared.pipelines, decode(body)?).await)
+        ApiKey::Metadata => match &shared.cluster {
+            Some(c) => one(&crate::cluster::admin::metadata(c, decode(body)?)),
+            None => one(&handlers::metadata(
+                broker,
+                &shared.advertised,
+                decode(body)?,
+            )),
+        },
+        ApiKey::CreateTopics => match &shared.cluster {
+            Some(c) => one(&crate::cluster::admin::create_topics(c, broker, decode(body)?).await),
+            None => one(&handlers::create_topics(broker, decode(body)?).await),
+        },
+        ApiKey::DeleteTopics => match &shared.cluster {
+            Some(c) => {
+                one(
+                    &crate::cluster::admin::delete_topics(c, &shared.pipelines, decode(body)?)
+                        .await,
+                )
+            }
+            None => one(&handlers::delete_topics(broker, &shared.pipelines, decode(body)?).await),
+        },
+        ApiKey::ClusterStatus => {
+            decode::<ClusterStatusRequest>(body)?;
+            match &shared.cluster {
+                Some(c) => one(&c.status()),
+                None => one(&handlers::single_node_status(broker, &shared.advertised)),
+            }
         }
         ApiKey::ListTopics => {
             decode::<ListTopicsRequest>(body)?;

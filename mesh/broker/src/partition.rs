@@ -77,9 +77,32 @@ pub struct PartitionState {
     pub flushes: u64,
 }
 
+/// This node's part in a partition, as the controller's metadata says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// It leads the partition in `epoch` (a node alone: always, epoch 0).
+    Leader {
+        /// Leader epoch.
+        epoch: u32,
+    },
+    /// Another node leads it.
+    Follower {
+        /// The leader.
+        leader: u32,
+        /// Leader epoch.
+        epoch: u32,
+    },
+    /// No leader (every in-sync replica is fenced).
+    Offline {
+        /// Leader epoch.
+        epoch: u32,
+    },
+}
+
 /// A partition hosted by this node.
 #[derive(Debug)]
 pub struct Partition {
+    role: watch::Sender<Role>,
     topic: TopicName,
     id: PartitionId,
     dir: PathBuf,
@@ -113,6 +136,7 @@ impl Partition {
         let (hw_tx, _) = watch::channel(end);
         let (tx, rx) = mpsc::channel(APPEND_QUEUE_JOBS_MAX);
         let partition = Arc::new(Self {
+            role: watch::channel(Role::Leader { epoch: 0 }).0,
             topic,
             id,
             dir,
@@ -145,6 +169,36 @@ impl Partition {
     /// Partition index.
     pub fn id(&self) -> PartitionId {
         self.id
+    }
+
+    /// This node's part in the partition.
+    pub fn role(&self) -> Role {
+        *self.role.borrow()
+    }
+
+    /// Sets this node's part (from the controller's metadata); returns whether it changed.
+    pub fn set_role(&self, role: Role) -> bool {
+        self.role.send_if_modified(|r| {
+            let changed = *r != role;
+            *r = role;
+            changed
+        })
+    }
+
+    /// Ok if this node leads the partition; else the `not_leader` error naming the leader.
+    pub fn check_leader(&self) -> Result<(), PartitionError> {
+        let (topic, p) = (&self.topic, self.id.0);
+        match self.role() {
+            Role::Leader { .. } => Ok(()),
+            Role::Follower { leader, epoch } => Err(PartitionError::new(
+                ErrorCode::NotLeader,
+                format!("node {leader} leads {topic}/{p} in epoch {epoch}; refresh metadata"),
+            )),
+            Role::Offline { epoch } => Err(PartitionError::new(
+                ErrorCode::NotLeader,
+                format!("{topic}/{p} has no leader (epoch {epoch}): no in-sync replica is live"),
+            )),
+        }
     }
 
     /// Queues validated batches for appending, in call order; the returned future resolves to

@@ -197,10 +197,10 @@ impl Pipelines {
             created_ms: crate::now_ms(),
         };
         // Progress starts at each partition's earliest stored offset.
-        for (p, part) in from.partitions.iter().enumerate() {
+        for (p, part) in from.hosted() {
             let start = part.state().map(|s| s.log_start_offset).unwrap_or(0);
             self.progress
-                .insert(progress_key(&spec.name, p as u32), &start.to_le_bytes())
+                .insert(progress_key(&spec.name, p), &start.to_le_bytes())
                 .map_err(storage)?;
         }
         self.put(&spec.name, &stored)?;
@@ -266,7 +266,7 @@ impl Pipelines {
                     .map(|p| {
                         let hw = input
                             .as_ref()
-                            .and_then(|t| t.partitions[p as usize].state().ok())
+                            .and_then(|t| t.partitions[p as usize].as_ref()?.state().ok())
                             .map_or(0, |st| st.high_watermark);
                         let st = stats.get(&n).and_then(|v| v.get(p as usize));
                         // A running task's own view: it moves only after its counters.

@@ -46,6 +46,23 @@ pub struct TopicConfig {
     /// `plugin.on.error`.
     #[serde(default)]
     pub on_error: ErrorPolicy,
+    /// `replication.factor`.
+    #[serde(default = "one")]
+    pub replication_factor: u16,
+    /// `min.insync.replicas`.
+    #[serde(default = "one")]
+    pub min_insync_replicas: u16,
+    /// The partitions this node holds a replica of, in cluster mode (`None`: all of them, a
+    /// node alone). Not a setting: the catalog's record of the controller's placement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hosted: Option<Vec<u32>>,
+    /// The controller's id of the topic (cluster mode): the log index of its creation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic_id: Option<u64>,
+}
+
+fn one() -> u16 {
+    1
 }
 
 /// What a plugin attachment does with records its chain fails (and with a whole batch when a
@@ -116,7 +133,30 @@ impl TopicConfig {
             max_record_bytes: 4 << 20,
             on_produce: String::new(),
             on_error: ErrorPolicy::Fail,
+            replication_factor: 1,
+            min_insync_replicas: 1,
+            hosted: None,
+            topic_id: None,
         }
+    }
+
+    /// The partitions this node hosts.
+    pub fn hosted_partitions(&self) -> impl Iterator<Item = u32> + '_ {
+        let all = self.hosted.is_none().then_some(0..self.partitions);
+        all.into_iter()
+            .flatten()
+            .chain(self.hosted.iter().flatten().copied())
+    }
+
+    /// Checks settings that depend on each other, after [`apply`](Self::apply).
+    pub fn check(&self) -> Result<(), String> {
+        if self.min_insync_replicas > self.replication_factor {
+            return Err(format!(
+                "min.insync.replicas {} exceeds replication.factor {}",
+                self.min_insync_replicas, self.replication_factor
+            ));
+        }
+        Ok(())
     }
 
     /// The produce-side chain (empty for none).
@@ -166,6 +206,12 @@ impl TopicConfig {
                 keys::PLUGIN_ON_ERROR => {
                     self.on_error = v.parse().map_err(|e| format!("{k}: {e}"))?;
                 }
+                keys::REPLICATION_FACTOR => {
+                    self.replication_factor = within(k, int(v)?, 1, 16)? as u16;
+                }
+                keys::MIN_INSYNC_REPLICAS => {
+                    self.min_insync_replicas = within(k, int(v)?, 1, 16)? as u16;
+                }
                 other => {
                     return Err(format!(
                         "unknown setting {other:?}; known: {}",
@@ -193,6 +239,14 @@ impl TopicConfig {
             (keys::MAX_RECORD_BYTES, self.max_record_bytes.to_string()),
             (keys::PLUGIN_ON_PRODUCE, self.on_produce.clone()),
             (keys::PLUGIN_ON_ERROR, self.on_error.to_string()),
+            (
+                keys::REPLICATION_FACTOR,
+                self.replication_factor.to_string(),
+            ),
+            (
+                keys::MIN_INSYNC_REPLICAS,
+                self.min_insync_replicas.to_string(),
+            ),
         ]
         .into_iter()
         .collect();
@@ -283,6 +337,8 @@ mod tests {
             ("plugin.on.error", "ignore"),
             ("plugin.on.error", "dlq:"),
             ("plugin.on.error", "dlq:bad name"),
+            ("replication.factor", "0"),
+            ("min.insync.replicas", "17"),
         ] {
             assert!(c.apply(&pairs(&[bad])).is_err(), "{bad:?} accepted");
         }

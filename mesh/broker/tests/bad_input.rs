@@ -1112,6 +1112,7 @@ fn body_decodes(api: ApiKey, version: u16, body: Bytes) -> bool {
         ApiKey::ListTopics => ListTopicsRequest::from_bytes(body).is_ok(),
         ApiKey::DescribeTopics => DescribeTopicsRequest::from_bytes(body).is_ok(),
         ApiKey::AlterTopic => AlterTopicRequest::from_bytes(body).is_ok(),
+        ApiKey::ClusterStatus => ClusterStatusRequest::from_bytes(body).is_ok(),
         ApiKey::Produce => ProduceRequest::from_bytes(body).is_ok(),
         ApiKey::Fetch => FetchRequest::from_bytes_version(body, version).is_ok(),
         ApiKey::ListOffsets => ListOffsetsRequest::from_bytes(body).is_ok(),

@@ -11,11 +11,13 @@
 
 use std::collections::BTreeSet;
 
+use serde::{Deserialize, Serialize};
+
 use crate::replication::{IsrProposal, LeaderAndIsr};
 use crate::{Epoch, NodeId};
 
 /// Why an ISR change was refused.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum IsrError {
     /// The proposer is not the current leader of the current epoch.
     FencedLeader,
@@ -27,11 +29,13 @@ pub enum IsrError {
 }
 
 /// The controller's view of one partition.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PartitionControl {
     replicas: Vec<NodeId>,
     state: LeaderAndIsr,
-    /// Leaders per epoch, for checking (at most one per epoch by construction).
+    /// Leaders per epoch, for checking (at most one per epoch by construction); not kept in
+    /// snapshots.
+    #[serde(skip)]
     history: Vec<(Epoch, NodeId)>,
 }
 
@@ -50,6 +54,11 @@ impl PartitionControl {
             replicas,
             state,
         }
+    }
+
+    /// Replicas in placement order (the first is the preferred leader).
+    pub fn replicas(&self) -> &[NodeId] {
+        &self.replicas
     }
 
     /// The committed state.
@@ -173,7 +182,7 @@ mod tests {
 }
 
 /// A broker as the controller knows it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BrokerState {
     /// Its current registration: a new, larger epoch at every (re)start (KRaft's broker
     /// epoch); requests of an older incarnation are refused.
@@ -188,7 +197,7 @@ pub struct BrokerState {
 }
 
 /// Why a cluster change was refused.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ClusterError {
     /// The broker is not registered, or the request comes from an older incarnation.
     StaleBroker,
@@ -210,7 +219,7 @@ pub enum ClusterError {
 /// The controller's whole state, as the Raft log will hold it: brokers with epochs and
 /// leases, and every partition's leader, epoch and ISR. Every change bumps `version`, the
 /// offset brokers follow the metadata at.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ClusterControl {
     lease_ms: u64,
     brokers: std::collections::BTreeMap<NodeId, BrokerState>,
@@ -311,6 +320,57 @@ impl ClusterControl {
             }
         }
         self.version += 1;
+    }
+
+    /// Fences incarnation `epoch` of broker `id`, when the lease is kept outside this state
+    /// (the node's active controller tracks heartbeats in memory, as KRaft does, and writes
+    /// only the fencing to the Raft log). Returns whether anything changed.
+    pub fn fence_broker(&mut self, id: NodeId, epoch: u64) -> Result<bool, ClusterError> {
+        match self.brokers.get(&id) {
+            Some(b) if b.epoch == epoch => {
+                if b.fenced {
+                    return Ok(false);
+                }
+                self.fence(id);
+                Ok(true)
+            }
+            _ => Err(ClusterError::StaleBroker),
+        }
+    }
+
+    /// Unfences incarnation `epoch` of broker `id` (it heartbeats again). Returns whether
+    /// anything changed.
+    pub fn unfence_broker(&mut self, id: NodeId, epoch: u64) -> Result<bool, ClusterError> {
+        let b = self.brokers.get_mut(&id).ok_or(ClusterError::StaleBroker)?;
+        if b.epoch != epoch {
+            return Err(ClusterError::StaleBroker);
+        }
+        if !b.fenced {
+            return Ok(false);
+        }
+        b.fenced = false;
+        let live = self.live();
+        for parts in self.topics.values_mut() {
+            for p in parts {
+                p.on_unfenced(id, &live);
+            }
+        }
+        self.version += 1;
+        Ok(true)
+    }
+
+    /// Every topic and its partitions.
+    pub fn topics(&self) -> impl Iterator<Item = (&str, &[PartitionControl])> {
+        self.topics.iter().map(|(n, p)| (n.as_str(), p.as_slice()))
+    }
+
+    /// Deletes a topic.
+    pub fn delete_topic(&mut self, name: &str) -> Result<(), ClusterError> {
+        self.topics
+            .remove(name)
+            .ok_or(ClusterError::UnknownPartition)?;
+        self.version += 1;
+        Ok(())
     }
 
     /// Fences every broker whose lease ran out; returns them.

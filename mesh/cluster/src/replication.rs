@@ -146,7 +146,7 @@ pub enum Message {
 }
 
 /// The partition's leader, epoch and ISR as the controller committed them.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LeaderAndIsr {
     /// The leader, or `None` while the partition is offline.
     pub leader: Option<NodeId>,
@@ -159,7 +159,7 @@ pub struct LeaderAndIsr {
 }
 
 /// An ISR change the leader asks the controller to commit.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct IsrProposal {
     /// The proposing leader.
     pub leader: NodeId,

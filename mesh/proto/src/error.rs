@@ -27,6 +27,8 @@ pub enum ErrorCode {
     InvalidPartitions,
     /// A topic setting is not valid.
     InvalidConfig,
+    /// The replication factor is 0 or larger than the number of live brokers.
+    InvalidReplicationFactor,
     /// A batch failed its CRC check.
     CorruptBatch,
     /// A batch is structurally invalid (bad header, records, timestamps or attributes).
@@ -62,6 +64,13 @@ pub enum ErrorCode {
     PipelineNotFound,
     /// A pipeline with that name exists.
     PipelineExists,
+    /// The peer is not the active controller (peer protocol); the answer names the leader
+    /// when it is known.
+    NotController,
+    /// The request names an older incarnation of the broker (its broker epoch was replaced).
+    StaleBrokerEpoch,
+    /// The operation needs a cluster (the node runs alone).
+    NotInCluster,
     /// A code this client does not know (from a newer server).
     Unrecognized(u16),
 }
@@ -81,6 +90,7 @@ impl ErrorCode {
             ErrorCode::InvalidTopic => 12,
             ErrorCode::InvalidPartitions => 13,
             ErrorCode::InvalidConfig => 14,
+            ErrorCode::InvalidReplicationFactor => 15,
             ErrorCode::CorruptBatch => 20,
             ErrorCode::InvalidBatch => 21,
             ErrorCode::RecordTooLarge => 22,
@@ -98,6 +108,9 @@ impl ErrorCode {
             ErrorCode::PluginInUse => 64,
             ErrorCode::PipelineNotFound => 70,
             ErrorCode::PipelineExists => 71,
+            ErrorCode::NotController => 80,
+            ErrorCode::StaleBrokerEpoch => 81,
+            ErrorCode::NotInCluster => 82,
             ErrorCode::Unrecognized(c) => c,
         }
     }
@@ -116,6 +129,7 @@ impl ErrorCode {
             12 => ErrorCode::InvalidTopic,
             13 => ErrorCode::InvalidPartitions,
             14 => ErrorCode::InvalidConfig,
+            15 => ErrorCode::InvalidReplicationFactor,
             20 => ErrorCode::CorruptBatch,
             21 => ErrorCode::InvalidBatch,
             22 => ErrorCode::RecordTooLarge,
@@ -133,6 +147,9 @@ impl ErrorCode {
             64 => ErrorCode::PluginInUse,
             70 => ErrorCode::PipelineNotFound,
             71 => ErrorCode::PipelineExists,
+            80 => ErrorCode::NotController,
+            81 => ErrorCode::StaleBrokerEpoch,
+            82 => ErrorCode::NotInCluster,
             c => ErrorCode::Unrecognized(c),
         }
     }
@@ -151,6 +168,7 @@ impl ErrorCode {
             ErrorCode::InvalidTopic => "invalid_topic",
             ErrorCode::InvalidPartitions => "invalid_partitions",
             ErrorCode::InvalidConfig => "invalid_config",
+            ErrorCode::InvalidReplicationFactor => "invalid_replication_factor",
             ErrorCode::CorruptBatch => "corrupt_batch",
             ErrorCode::InvalidBatch => "invalid_batch",
             ErrorCode::RecordTooLarge => "record_too_large",
@@ -168,6 +186,9 @@ impl ErrorCode {
             ErrorCode::PluginInUse => "plugin_in_use",
             ErrorCode::PipelineNotFound => "pipeline_not_found",
             ErrorCode::PipelineExists => "pipeline_exists",
+            ErrorCode::NotController => "not_controller",
+            ErrorCode::StaleBrokerEpoch => "stale_broker_epoch",
+            ErrorCode::NotInCluster => "not_in_cluster",
             ErrorCode::Unrecognized(_) => "unrecognized",
         }
     }
@@ -179,6 +200,7 @@ impl ErrorCode {
             ErrorCode::RequestTimedOut
                 | ErrorCode::NotLeader
                 | ErrorCode::NotEnoughReplicas
+                | ErrorCode::NotController
                 | ErrorCode::Busy
                 | ErrorCode::ShuttingDown
         )
@@ -197,6 +219,7 @@ impl ErrorCode {
         ErrorCode::InvalidTopic,
         ErrorCode::InvalidPartitions,
         ErrorCode::InvalidConfig,
+        ErrorCode::InvalidReplicationFactor,
         ErrorCode::CorruptBatch,
         ErrorCode::InvalidBatch,
         ErrorCode::RecordTooLarge,
@@ -214,6 +237,9 @@ impl ErrorCode {
         ErrorCode::PluginInUse,
         ErrorCode::PipelineNotFound,
         ErrorCode::PipelineExists,
+        ErrorCode::NotController,
+        ErrorCode::StaleBrokerEpoch,
+        ErrorCode::NotInCluster,
     ];
 }
 

@@ -38,6 +38,8 @@ pub enum ApiKey {
     DescribeTopics,
     /// Change settings of a live topic.
     AlterTopic,
+    /// Members, controller and partition leadership of the cluster.
+    ClusterStatus,
     /// Append record batches.
     Produce,
     /// Read record batches (long poll).
@@ -72,6 +74,7 @@ impl ApiKey {
         ApiKey::ListTopics,
         ApiKey::DescribeTopics,
         ApiKey::AlterTopic,
+        ApiKey::ClusterStatus,
         ApiKey::Produce,
         ApiKey::Fetch,
         ApiKey::ListOffsets,
@@ -95,6 +98,7 @@ impl ApiKey {
             ApiKey::ListTopics => 4,
             ApiKey::DescribeTopics => 5,
             ApiKey::AlterTopic => 6,
+            ApiKey::ClusterStatus => 7,
             ApiKey::Produce => 10,
             ApiKey::Fetch => 11,
             ApiKey::ListOffsets => 12,

@@ -14,6 +14,7 @@ pub mod error;
 pub mod frame;
 pub mod ids;
 pub mod messages;
+pub mod peer;
 pub mod varint;
 
 pub use batch::{

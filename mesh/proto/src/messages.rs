@@ -65,6 +65,10 @@ pub mod config_keys {
     pub const PLUGIN_ON_PRODUCE: &str = "plugin.on.produce";
     /// What happens to records the produce-side chain fails: `fail`, `skip` or `dlq:TOPIC`.
     pub const PLUGIN_ON_ERROR: &str = "plugin.on.error";
+    /// Replicas per partition (cluster mode; a node alone accepts only 1). Fixed at creation.
+    pub const REPLICATION_FACTOR: &str = "replication.factor";
+    /// Produces with `acks=all` are refused with `not_enough_replicas` while the ISR is smaller.
+    pub const MIN_INSYNC_REPLICAS: &str = "min.insync.replicas";
     /// Every key, in documentation order.
     pub const ALL: &[&str] = &[
         RETENTION_MS,
@@ -76,6 +80,8 @@ pub mod config_keys {
         MAX_RECORD_BYTES,
         PLUGIN_ON_PRODUCE,
         PLUGIN_ON_ERROR,
+        REPLICATION_FACTOR,
+        MIN_INSYNC_REPLICAS,
     ];
     /// Keys AlterTopic may change on a live topic.
     pub const ALTERABLE: &[&str] = &[PLUGIN_ON_PRODUCE, PLUGIN_ON_ERROR];
@@ -539,6 +545,160 @@ impl Message for ListTopicsResponse {
                 Ok(TopicListing {
                     name: r.string("name")?,
                     partitions: r.u32("partitions")?,
+                })
+            })?,
+        })
+    }
+}
+
+/// Asks for the cluster's members, controller and partition leadership.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClusterStatusRequest;
+
+/// A member's part in the controller's Raft group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RaftRole {
+    /// Not in the group (not yet added).
+    None = 0,
+    /// Votes in controller elections.
+    Voter = 1,
+    /// Follows the metadata log without voting.
+    Learner = 2,
+}
+
+/// A member as the controller knows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemberState {
+    /// Known to the Raft group but not registered as a broker.
+    Unregistered = 0,
+    /// Registered with a valid lease.
+    Live = 1,
+    /// Its lease ran out or it shut down: it leads nothing and is in no ISR (unless the last).
+    Fenced = 2,
+}
+
+/// One cluster member.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterMember {
+    /// Node id.
+    pub node_id: u32,
+    /// Address clients reach it at (empty if not registered).
+    pub addr: String,
+    /// Address peers reach it at.
+    pub peer_addr: String,
+    /// Part in the controller group.
+    pub role: RaftRole,
+    /// Broker state.
+    pub state: MemberState,
+    /// Current broker epoch (0 if not registered).
+    pub broker_epoch: u64,
+}
+
+/// One partition's placement and leadership.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartitionLeadership {
+    /// Topic.
+    pub topic: String,
+    /// Partition index.
+    pub partition: u32,
+    /// Leader (0: offline).
+    pub leader: u32,
+    /// Leader epoch.
+    pub leader_epoch: u32,
+    /// Replicas in placement order.
+    pub replicas: Vec<u32>,
+    /// In-sync replicas.
+    pub isr: Vec<u32>,
+}
+
+/// The cluster as the answering node's copy of the metadata log shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterStatusResponse {
+    /// `Ok`, or `not_in_cluster` from a node running alone (the other fields then describe it
+    /// alone).
+    pub status: Status,
+    /// The node that answered.
+    pub node_id: u32,
+    /// Active controller (0: none known).
+    pub controller: u32,
+    /// Raft term of the controller group.
+    pub term: u64,
+    /// Index of the last metadata log entry applied on the answering node.
+    pub applied: u64,
+    /// Members, by id.
+    pub members: Vec<ClusterMember>,
+    /// Partitions, by topic and index.
+    pub partitions: Vec<PartitionLeadership>,
+}
+
+impl Message for ClusterStatusRequest {
+    const API: ApiKey = ApiKey::ClusterStatus;
+    fn encode(&self, _w: &mut Writer) {}
+    fn decode(_r: &mut Reader) -> Result<Self, DecodeError> {
+        Ok(Self)
+    }
+}
+
+impl Message for ClusterStatusResponse {
+    const API: ApiKey = ApiKey::ClusterStatus;
+    fn encode(&self, w: &mut Writer) {
+        self.status.encode(w);
+        w.u32(self.node_id);
+        w.u32(self.controller);
+        w.u64(self.term);
+        w.u64(self.applied);
+        put_vec(w, &self.members, |w, m| {
+            w.u32(m.node_id);
+            w.string(&m.addr);
+            w.string(&m.peer_addr);
+            w.u8(m.role as u8);
+            w.u8(m.state as u8);
+            w.u64(m.broker_epoch);
+        });
+        put_vec(w, &self.partitions, |w, p| {
+            w.string(&p.topic);
+            w.u32(p.partition);
+            w.u32(p.leader);
+            w.u32(p.leader_epoch);
+            put_vec(w, &p.replicas, |w, r| w.u32(*r));
+            put_vec(w, &p.isr, |w, r| w.u32(*r));
+        });
+    }
+    fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
+        Ok(Self {
+            status: Status::decode(r)?,
+            node_id: r.u32("node_id")?,
+            controller: r.u32("controller")?,
+            term: r.u64("term")?,
+            applied: r.u64("applied")?,
+            members: get_vec(r, "members", 18, |r| {
+                Ok(ClusterMember {
+                    node_id: r.u32("node_id")?,
+                    addr: r.string("addr")?,
+                    peer_addr: r.string("peer_addr")?,
+                    role: match r.u8("role")? {
+                        0 => RaftRole::None,
+                        1 => RaftRole::Voter,
+                        2 => RaftRole::Learner,
+                        _ => return Err(DecodeError::Invalid("raft role")),
+                    },
+                    state: match r.u8("state")? {
+                        0 => MemberState::Unregistered,
+                        1 => MemberState::Live,
+                        2 => MemberState::Fenced,
+                        _ => return Err(DecodeError::Invalid("member state")),
+                    },
+                    broker_epoch: r.u64("broker_epoch")?,
+                })
+            })?,
+            partitions: get_vec(r, "partitions", 22, |r| {
+                Ok(PartitionLeadership {
+                    topic: r.string("topic")?,
+                    partition: r.u32("partition")?,
+                    leader: r.u32("leader")?,
+                    leader_epoch: r.u32("leader_epoch")?,
+                    replicas: get_vec(r, "replicas", 4, |r| r.u32("replica"))?,
+                    isr: get_vec(r, "isr", 4, |r| r.u32("isr"))?,
                 })
             })?,
         })

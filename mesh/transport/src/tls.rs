@@ -100,6 +100,22 @@ impl ServerIdentity {
             ca_cert_path.display()
         );
 
+        // Nodes sharing a CA directory may start at once: one creates the CA while the others
+        // wait on this lock, then read it.
+        let lock_path = ca_dir.join("ca.lock");
+        let lock = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|source| TlsError::Io {
+                path: lock_path.clone(),
+                source,
+            })?;
+        lock.lock().map_err(|source| TlsError::Io {
+            path: lock_path.clone(),
+            source,
+        })?;
         // The CA is reused only when both halves exist: a crash between writing the key and the
         // certificate leaves a key alone, and then both are made anew.
         let (ca_key, ca_reused) = if ca_cert_path.exists() && ca_key_path.exists() {

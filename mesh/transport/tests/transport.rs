@@ -362,7 +362,10 @@ async fn peer_endpoints_require_a_certificate_from_the_cluster_ca() -> Result<()
             Err(_) => true,
             Ok(conn) => round_trip(&conn, b"let me in").await.is_err(),
         };
-        ensure!(refused, "a client without a certificate reached the peer endpoint");
+        ensure!(
+            refused,
+            "a client without a certificate reached the peer endpoint"
+        );
 
         // A node of another cluster: its certificate is issued by another CA.
         let other = tempfile::tempdir()?;
@@ -372,7 +375,10 @@ async fn peer_endpoints_require_a_certificate_from_the_cluster_ca() -> Result<()
             Err(_) => true,
             Ok(conn) => round_trip(&conn, b"let me in").await.is_err(),
         };
-        ensure!(refused, "a certificate of another CA reached the peer endpoint");
+        ensure!(
+            refused,
+            "a certificate of another CA reached the peer endpoint"
+        );
         Ok(())
     })
     .await

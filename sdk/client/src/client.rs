@@ -503,6 +503,12 @@ impl Client {
         Ok(r.topics)
     }
 
+    /// Members, controller and partition leadership as the connected node sees them (a node
+    /// that runs alone answers with status `not_in_cluster` and itself as the only member).
+    pub async fn cluster_status(&self) -> Result<ClusterStatusResponse, ClientError> {
+        self.request(&ClusterStatusRequest, 0).await
+    }
+
     /// Settings and offsets of a topic.
     pub async fn describe_topic(&self, name: &str) -> Result<TopicDescription, ClientError> {
         let r: DescribeTopicsResponse = self

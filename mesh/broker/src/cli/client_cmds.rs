@@ -10,8 +10,131 @@ use quiver_client::{
     ProducerRecord, SeekTo,
 };
 use quiver_proto::messages::config_keys as keys;
+use quiver_proto::messages::{MemberState, RaftRole};
 
 use super::ConnectArgs;
+
+/// Cluster inspection.
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Members, the active controller and partition leadership, as the node asked sees them.
+    Status(ClusterStatusArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ClusterStatusArgs {
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    connect: ConnectArgs,
+}
+
+/// Runs a `cluster` subcommand.
+pub async fn cluster(cmd: ClusterCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        ClusterCommand::Status(a) => {
+            let client = a.connect.connect().await?;
+            let s = client.cluster_status().await?;
+            let role = |r: RaftRole| match r {
+                RaftRole::Voter => "voter",
+                RaftRole::Learner => "learner",
+                RaftRole::None => "-",
+            };
+            let state = |m: MemberState| match m {
+                MemberState::Live => "live",
+                MemberState::Fenced => "fenced",
+                MemberState::Unregistered => "unregistered",
+            };
+            let ids = |v: &[u32]| {
+                v.iter()
+                    .map(|i| i.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            if a.json {
+                let members: Vec<serde_json::Value> = s
+                    .members
+                    .iter()
+                    .map(|m| {
+                        serde_json::json!({
+                            "node": m.node_id, "addr": m.addr, "peer_addr": m.peer_addr,
+                            "role": role(m.role), "state": state(m.state),
+                            "broker_epoch": m.broker_epoch,
+                        })
+                    })
+                    .collect();
+                let partitions: Vec<serde_json::Value> = s
+                    .partitions
+                    .iter()
+                    .map(|p| {
+                        serde_json::json!({
+                            "topic": p.topic, "partition": p.partition, "leader": p.leader,
+                            "leader_epoch": p.leader_epoch, "replicas": p.replicas, "isr": p.isr,
+                        })
+                    })
+                    .collect();
+                let v = serde_json::json!({
+                    "cluster": s.status.is_ok(), "node": s.node_id,
+                    "controller": s.controller, "term": s.term, "applied": s.applied,
+                    "members": members, "partitions": partitions,
+                });
+                println!("{v}");
+                return Ok(ExitCode::SUCCESS);
+            }
+            if !s.status.is_ok() {
+                println!("node {} runs alone (not in a cluster)", s.node_id);
+            } else {
+                let controller = match s.controller {
+                    0 => "none".to_string(),
+                    c => c.to_string(),
+                };
+                println!(
+                    "node {} sees: controller {controller}, term {}, metadata applied to {}",
+                    s.node_id, s.term, s.applied
+                );
+            }
+            println!(
+                "{:<6} {:<8} {:<13} {:<6} {:<22} PEER",
+                "NODE", "ROLE", "STATE", "EPOCH", "ADDR"
+            );
+            for m in &s.members {
+                println!(
+                    "{:<6} {:<8} {:<13} {:<6} {:<22} {}",
+                    m.node_id,
+                    role(m.role),
+                    state(m.state),
+                    m.broker_epoch,
+                    m.addr,
+                    m.peer_addr
+                );
+            }
+            if !s.partitions.is_empty() {
+                println!();
+                println!(
+                    "{:<24} {:<9} {:<7} {:<6} {:<12} ISR",
+                    "TOPIC", "PARTITION", "LEADER", "EPOCH", "REPLICAS"
+                );
+                for p in &s.partitions {
+                    let leader = match p.leader {
+                        0 => "none".to_string(),
+                        l => l.to_string(),
+                    };
+                    println!(
+                        "{:<24} {:<9} {:<7} {:<6} {:<12} {}",
+                        p.topic,
+                        p.partition,
+                        leader,
+                        p.leader_epoch,
+                        ids(&p.replicas),
+                        ids(&p.isr)
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
 
 /// Topic administration.
 #[derive(Debug, Subcommand)]
@@ -70,6 +193,12 @@ pub struct CreateArgs {
     /// Largest record accepted (bytes).
     #[arg(long)]
     max_record_bytes: Option<u64>,
+    /// Replicas per partition (cluster mode; a node alone takes only 1).
+    #[arg(long, short = 'r')]
+    replication_factor: Option<u16>,
+    /// Produces with acks=all need at least this many in-sync replicas.
+    #[arg(long)]
+    min_insync_replicas: Option<u16>,
     #[command(flatten)]
     policy: PolicyArgs,
     /// Any topic setting as KEY=VALUE (repeatable).
@@ -249,6 +378,14 @@ pub async fn topic(cmd: TopicCommand) -> anyhow::Result<ExitCode> {
             put(
                 keys::MAX_RECORD_BYTES,
                 a.max_record_bytes.map(|v| v.to_string()),
+            );
+            put(
+                keys::REPLICATION_FACTOR,
+                a.replication_factor.map(|v| v.to_string()),
+            );
+            put(
+                keys::MIN_INSYNC_REPLICAS,
+                a.min_insync_replicas.map(|v| v.to_string()),
             );
             configs.extend(a.policy.configs()?);
             configs.extend(a.configs);

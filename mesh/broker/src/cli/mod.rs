@@ -31,6 +31,9 @@ enum Command {
     /// Create, list, describe and delete topics.
     #[command(subcommand)]
     Topic(client_cmds::TopicCommand),
+    /// Inspect the cluster.
+    #[command(subcommand)]
+    Cluster(client_cmds::ClusterCommand),
     /// Produce one record per line of standard input.
     Produce(client_cmds::ProduceArgs),
     /// Print records of a topic.
@@ -57,9 +60,24 @@ struct ServeArgs {
     /// TOML configuration file; command-line flags override it.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Node id.
+    /// Node id (unique in a cluster, from 1).
     #[arg(long)]
     node_id: Option<u32>,
+    /// Peer addresses (host:port of other nodes' peer endpoints) to join through; they must
+    /// include the controller voters'.
+    #[arg(long, value_delimiter = ',')]
+    seeds: Vec<String>,
+    /// Node ids of the controller voters (1, 3 or 5), the same on every node; giving it
+    /// starts the node in cluster mode.
+    #[arg(long, value_delimiter = ',')]
+    controller_voters: Vec<u32>,
+    /// UDP address of the peer endpoint [default: the --listen port + 1].
+    #[arg(long)]
+    peer_listen: Option<SocketAddr>,
+    /// A development CA directory shared by the nodes of a development cluster on one
+    /// machine (generated on first use) [default: the data directory's tls/].
+    #[arg(long)]
+    dev_ca_dir: Option<PathBuf>,
 }
 
 /// How client commands reach a node.
@@ -140,6 +158,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve(args) => serve(args).await.map(|()| ExitCode::SUCCESS),
         Command::Topic(cmd) => client_cmds::topic(cmd).await,
+        Command::Cluster(cmd) => client_cmds::cluster(cmd).await,
         Command::Produce(args) => client_cmds::produce(args).await,
         Command::Consume(args) => client_cmds::consume(args).await,
         Command::Plugin(cmd) => plugin_cmds::plugin(cmd).await,
@@ -162,12 +181,30 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(n) = args.node_id {
         config.node_id = n;
     }
+    if !args.seeds.is_empty() {
+        config.cluster.seeds = args.seeds;
+    }
+    if !args.controller_voters.is_empty() {
+        config.cluster.controller_voters = args.controller_voters;
+    }
+    if args.peer_listen.is_some() {
+        config.cluster.peer_listen = args.peer_listen;
+    }
+    if args.dev_ca_dir.is_some() {
+        config.cluster.dev_ca_dir = args.dev_ca_dir;
+    }
+    if !config.cluster.seeds.is_empty() && !config.cluster.enabled() {
+        anyhow::bail!("--seeds needs --controller-voters (the node ids that run the controller)");
+    }
     let node = Node::start(config).await?;
     if let Some(ca) = node.ca_file() {
         tracing::info!(ca = %ca.display(), "clients trust this CA (--ca)");
     }
     // Printed on stdout so scripts (and tests) can wait for readiness and learn the port.
     println!("quiver listening on {}", node.local_addr());
+    if let Some(c) = node.cluster() {
+        println!("quiver peer endpoint on {}", c.peer_addr());
+    }
     wait_for_signal().await?;
     node.shutdown().await;
     Ok(())

@@ -1,0 +1,241 @@
+//! The node's side of the metadata in cluster mode: client admin requests that go through the
+//! controller (topic creation and deletion), answers from the node's copy of the metadata
+//! (Metadata, ClusterStatus), and the reconciler that makes the local partitions follow the
+//! controller's placement and leadership.
+
+use std::sync::Arc;
+
+use quiver_proto::messages::{
+    BrokerInfo, CreateTopicsRequest, CreateTopicsResponse, DeleteTopicsRequest,
+    DeleteTopicsResponse, MetadataRequest, MetadataResponse, PartitionMetadata, Status,
+    TopicMetadata, TopicResult,
+};
+use quiver_proto::{ErrorCode, TopicName};
+
+use super::Cluster;
+use super::state::{Command, Outcome};
+use crate::broker::Broker;
+use crate::partition::Role;
+use crate::pipelines::Pipelines;
+use crate::topic_config::TopicConfig;
+
+fn outcome_status(r: Result<Outcome, super::WriteError>) -> Status {
+    match r {
+        Ok(Outcome::Done | Outcome::Unchanged | Outcome::Registered { .. }) => Status::ok(),
+        Ok(Outcome::Refused { code, message }) => Status::err(ErrorCode::from_code(code), message),
+        Err(e) => Status::err(e.code, e.message),
+    }
+}
+
+/// Metadata from this node's copy: live brokers and every partition's leader and epoch
+/// (leader 0: the partition has no leader now).
+pub fn metadata(cluster: &Cluster, req: MetadataRequest) -> MetadataResponse {
+    cluster.read(|a| {
+        let control = &a.metadata.control;
+        let brokers = control
+            .brokers()
+            .iter()
+            .filter(|(_, b)| !b.fenced)
+            .map(|(id, b)| BrokerInfo {
+                node_id: *id,
+                addr: b.addr.clone(),
+            })
+            .collect();
+        let describe = |name: String| {
+            let parts: Option<Vec<PartitionMetadata>> = control
+                .topics()
+                .find(|(n, _)| *n == name)
+                .map(|(_, parts)| {
+                    parts
+                        .iter()
+                        .enumerate()
+                        .map(|(i, p)| PartitionMetadata {
+                            partition: i as u32,
+                            leader: p.state().leader.unwrap_or(0),
+                            leader_epoch: p.state().epoch,
+                        })
+                        .collect()
+                });
+            match parts {
+                Some(partitions) => TopicMetadata {
+                    name,
+                    status: Status::ok(),
+                    partitions,
+                },
+                None => TopicMetadata {
+                    status: Status::err(
+                        ErrorCode::UnknownTopicOrPartition,
+                        format!("unknown topic {name}"),
+                    ),
+                    name,
+                    partitions: Vec::new(),
+                },
+            }
+        };
+        let names = req
+            .topics
+            .unwrap_or_else(|| control.topics().map(|(n, _)| n.to_string()).collect());
+        MetadataResponse {
+            brokers,
+            topics: names.into_iter().map(describe).collect(),
+        }
+    })
+}
+
+/// Creates topics through the controller: settings are resolved here, placement is the
+/// controller's. Answered once committed and applied on this node.
+pub async fn create_topics(
+    cluster: &Cluster,
+    broker: &Broker,
+    req: CreateTopicsRequest,
+) -> CreateTopicsResponse {
+    let mut results = Vec::with_capacity(req.topics.len());
+    for t in req.topics {
+        let status = match broker.resolve_new_topic(&t.name, t.partitions, &t.configs) {
+            Err(e) => Status::err(e.code, e.message),
+            Ok((name, config)) => {
+                let command = Command::CreateTopic {
+                    name: name.to_string(),
+                    partitions: config.partitions,
+                    replication: config.replication_factor,
+                    configs: config.to_pairs().into_iter().collect(),
+                };
+                outcome_status(cluster.write(command).await)
+            }
+        };
+        results.push(TopicResult {
+            name: t.name,
+            status,
+        });
+    }
+    CreateTopicsResponse { results }
+}
+
+/// Deletes topics through the controller; every replica deletes its data when it applies the
+/// change.
+pub async fn delete_topics(
+    cluster: &Cluster,
+    pipelines: &Pipelines,
+    req: DeleteTopicsRequest,
+) -> DeleteTopicsResponse {
+    let mut results = Vec::with_capacity(req.names.len());
+    for name in req.names {
+        let status = if let Some(p) = pipelines.using_topic(&name) {
+            Status::err(
+                ErrorCode::InvalidConfig,
+                format!("{name} is used by pipeline {p}; delete the pipeline first"),
+            )
+        } else {
+            outcome_status(
+                cluster
+                    .write(Command::DeleteTopic { name: name.clone() })
+                    .await,
+            )
+        };
+        results.push(TopicResult { name, status });
+    }
+    DeleteTopicsResponse { results }
+}
+
+/// Internal topics a node keeps for itself (its plugin logs), not placed by the controller.
+fn node_local(name: &str) -> bool {
+    name.starts_with("__")
+}
+
+/// Makes the local partitions follow the metadata: hosts what the controller placed here,
+/// sets each hosted partition's role (leader, follower, offline), and deletes topics the
+/// metadata no longer has. Runs until the node stops.
+pub async fn reconcile(cluster: Arc<Cluster>, broker: Arc<Broker>) {
+    let me = cluster.node_id();
+    let mut changes = cluster.changes();
+    loop {
+        // What the metadata says, copied out of the lock.
+        let (applied, wanted): (u64, Vec<(String, TopicConfig, Vec<(u32, Role)>)>) = cluster.read(|a| {
+            let applied = a.last_applied.map_or(0, |l| l.index);
+            let wanted = a.metadata
+                .control
+                .topics()
+                .filter_map(|(name, parts)| {
+                    let roles: Vec<(u32, Role)> = parts
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, p)| p.replicas().contains(&me))
+                        .map(|(i, p)| {
+                            let s = p.state();
+                            let role = match s.leader {
+                                Some(l) if l == me => Role::Leader { epoch: s.epoch },
+                                Some(l) => Role::Follower {
+                                    leader: l,
+                                    epoch: s.epoch,
+                                },
+                                None => Role::Offline { epoch: s.epoch },
+                            };
+                            (i as u32, role)
+                        })
+                        .collect();
+                    if roles.is_empty() {
+                        return None;
+                    }
+                    let mut config = TopicConfig::defaults(parts.len() as u32);
+                    let pairs: Vec<(String, String)> = a
+                        .metadata
+                        .configs
+                        .get(name)
+                        .map(|c| c.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+                        .unwrap_or_default();
+                    if let Err(e) = config.apply(&pairs) {
+                        tracing::warn!(topic = name, error = %e, "settings from the controller refused; using defaults");
+                    }
+                    config.hosted = Some(roles.iter().map(|(i, _)| *i).collect());
+                    config.topic_id = a.metadata.topic_ids.get(name).copied();
+                    Some((name.to_string(), config, roles))
+                })
+                .collect();
+            (applied, wanted)
+        });
+        // Local topics whose id the metadata no longer has: deleted (or deleted and created
+        // again) while this node was away. Only once this copy has applied past the topic's
+        // creation, so a copy still replaying its log never deletes anything.
+        let ids: std::collections::BTreeMap<&str, Option<u64>> = wanted
+            .iter()
+            .map(|(n, c, _)| (n.as_str(), c.topic_id))
+            .collect();
+        for (name, topic) in broker.topics() {
+            if node_local(name.as_str()) {
+                continue;
+            }
+            // A topic from before the node joined a cluster has no id: left alone.
+            let Some(local_id) = topic.config.topic_id else {
+                continue;
+            };
+            let current = ids.get(name.as_str()).copied().flatten();
+            if current != Some(local_id) && applied >= local_id {
+                match broker.delete_topic(name.as_str()).await {
+                    Ok(()) => {
+                        tracing::info!(topic = %name, id = local_id, "deleted: no longer in the metadata")
+                    }
+                    Err(e) => tracing::warn!(topic = %name, error = %e, "cannot delete"),
+                }
+            }
+        }
+        for (name, config, roles) in &wanted {
+            let Ok(topic) = TopicName::new(name) else {
+                continue;
+            };
+            if let Err(e) = broker.host_topic(&topic, config).await {
+                tracing::warn!(topic = %name, error = %e, "cannot host placed partitions");
+                continue;
+            }
+            for (p, role) in roles {
+                if let Ok(part) = broker.partition(name, *p)
+                    && part.set_role(*role)
+                {
+                    tracing::info!(topic = %name, partition = p, ?role, "partition role");
+                }
+            }
+        }
+        if changes.changed().await.is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,764 @@
+//! Cluster mode: the controller's Raft group, the peer endpoint, and the node's part in both.
+//!
+//! - Every node runs the Raft group of [`raft`]: `--controller-voters` vote, every other
+//!   registered broker is added as a learner, so each node applies the metadata log itself.
+//! - The node with the smallest voter id initialises the group once it has reached every
+//!   voter through the seeds (`Hello`), and only if no seed knows a controller already.
+//! - Every node registers as a broker (a new broker epoch per start) and heartbeats the active
+//!   controller. The active controller keeps leases in memory and writes `Fence` when one runs
+//!   out and `Unfence` when a fenced broker heartbeats again; a new active controller gives
+//!   every broker a fresh lease first, so a controller failover fences nobody by itself.
+//! - Metadata changes are written through the active controller (a write on another node is
+//!   forwarded over the peer protocol) and answered once committed; the writer then waits
+//!   until its own copy has applied them.
+
+pub mod admin;
+pub mod network;
+pub mod peer;
+pub mod raft;
+pub mod state;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, Raft, ServerState};
+use quiver_proto::ErrorCode;
+use quiver_proto::codec::{Reader, Writer};
+use quiver_proto::messages::{
+    ClusterMember, ClusterStatusResponse, MemberState, PartitionLeadership, RaftRole, Status,
+};
+use quiver_proto::peer::{BrokerHeartbeat, Hello, NotController, PeerApi};
+use quiver_transport::{Client, ClientTrust, Server, ServerIdentity, TransportSettings};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use self::network::NetworkFactory;
+use self::peer::{PeerAnswer, PeerClient, PeerHandler};
+use self::raft::{Applied, LogStore, RaftId, StateMachine, TypeConfig};
+use self::state::{Command, Outcome};
+
+/// How a node takes part in a cluster.
+#[derive(Clone, Debug)]
+pub struct ClusterSettings {
+    /// This node.
+    pub node_id: u32,
+    /// Where clients reach this node.
+    pub client_addr: String,
+    /// Where peers reach this node (the advertised peer address).
+    pub peer_addr: String,
+    /// Peer addresses to start from.
+    pub seeds: Vec<String>,
+    /// The controller voters' node ids.
+    pub voters: BTreeSet<u32>,
+    /// How often a broker heartbeats the controller.
+    pub heartbeat: Duration,
+    /// A broker that has not heartbeated for this long is fenced.
+    pub lease: Duration,
+    /// Raft election timeout range, ms.
+    pub election_timeout_ms: (u64, u64),
+    /// Raft heartbeat interval, ms.
+    pub raft_heartbeat_ms: u64,
+}
+
+/// A metadata write failed.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct WriteError {
+    /// Protocol code.
+    pub code: ErrorCode,
+    /// Details.
+    pub message: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct WriteReply {
+    outcome: Outcome,
+    index: u64,
+}
+
+/// How long a metadata write may take, forwarding and retries included.
+const WRITE_DEADLINE: Duration = Duration::from_secs(15);
+/// One peer call of the controller protocol.
+const PEER_CALL: Duration = Duration::from_secs(3);
+
+/// This node's part in the cluster.
+pub struct Cluster {
+    settings: ClusterSettings,
+    raft: Raft<TypeConfig>,
+    applied: Arc<RwLock<Applied>>,
+    changes: watch::Receiver<u64>,
+    peers: Arc<PeerClient>,
+    server: Arc<Server>,
+    /// This incarnation's broker epoch, once registered.
+    epoch: watch::Sender<Option<u64>>,
+    /// As active controller: last heartbeat per broker (its epoch, when).
+    leases: std::sync::Mutex<HashMap<u32, (u64, Instant)>>,
+    /// The term this node last started leading in.
+    lead_term: std::sync::Mutex<Option<u64>>,
+    /// The last controller hint from a `not_controller` answer.
+    hint: std::sync::Mutex<Option<String>>,
+    tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("node_id", &self.settings.node_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Cluster {
+    /// Opens the controller log in `dir`, binds the peer endpoint at `peer_listen` and starts
+    /// taking part. `identity` serves on the peer endpoint and authenticates this node to its
+    /// peers; `trust` holds the cluster CA.
+    pub async fn start(
+        mut settings: ClusterSettings,
+        dir: &std::path::Path,
+        peer_listen: std::net::SocketAddr,
+        identity: &ServerIdentity,
+        trust: &ClientTrust,
+        transport: &TransportSettings,
+    ) -> anyhow::Result<(Arc<Self>, std::net::SocketAddr)> {
+        if settings.node_id == 0 {
+            anyhow::bail!("node ids start at 1 in a cluster");
+        }
+        if settings.voters.is_empty() {
+            anyhow::bail!("a cluster needs controller voters (--controller-voters 1,2,3)");
+        }
+        if settings.voters.len() % 2 == 0 || settings.voters.len() > 7 {
+            anyhow::bail!(
+                "{} controller voters: use 1, 3 or 5 (an even count tolerates no more failures than one fewer)",
+                settings.voters.len()
+            );
+        }
+        let store = LogStore::open(&dir.join("controller"))?;
+        let sm = StateMachine::open(&store)?;
+        let applied = sm.applied();
+        let changes = sm.watch();
+        let server = Arc::new(Server::bind_peer(peer_listen, identity, trust, transport)?);
+        let bound = server.local_addr()?;
+        if settings.peer_addr.is_empty() {
+            settings.peer_addr = bound.to_string();
+        }
+        let peers = Arc::new(PeerClient::new(Client::new_peer(
+            trust, identity, transport,
+        )?));
+        let config = openraft::Config {
+            cluster_name: "quiver".into(),
+            heartbeat_interval: settings.raft_heartbeat_ms,
+            election_timeout_min: settings.election_timeout_ms.0,
+            election_timeout_max: settings.election_timeout_ms.1,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(5_000),
+            max_in_snapshot_log_to_keep: 1_000,
+            ..Default::default()
+        }
+        .validate()?;
+        let raft = Raft::new(
+            u64::from(settings.node_id),
+            Arc::new(config),
+            NetworkFactory {
+                peers: peers.clone(),
+            },
+            store,
+            sm,
+        )
+        .await?;
+        let cluster = Arc::new(Self {
+            settings,
+            raft,
+            applied,
+            changes,
+            peers,
+            server: server.clone(),
+            epoch: watch::channel(None).0,
+            leases: Default::default(),
+            lead_term: Default::default(),
+            hint: Default::default(),
+            tasks: Default::default(),
+        });
+        let tasks = vec![
+            tokio::spawn(peer::serve(server, cluster.clone())),
+            tokio::spawn(cluster.clone().bootstrap()),
+            tokio::spawn(cluster.clone().broker_loop()),
+            tokio::spawn(cluster.clone().controller_loop()),
+        ];
+        *cluster.tasks.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
+        tracing::info!(node = cluster.settings.node_id, peer_addr = %bound, "cluster member started");
+        Ok((cluster, bound))
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> u32 {
+        self.settings.node_id
+    }
+
+    /// The node's copy of the metadata.
+    pub fn read<T>(&self, f: impl FnOnce(&Applied) -> T) -> T {
+        f(&self.applied.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Moves at every applied metadata entry.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.clone()
+    }
+
+    /// This incarnation's broker epoch, once registered.
+    pub fn broker_epoch(&self) -> Option<u64> {
+        *self.epoch.borrow()
+    }
+
+    /// Waits until this node is registered (bounded).
+    pub async fn wait_registered(&self, timeout: Duration) -> bool {
+        let mut rx = self.epoch.subscribe();
+        tokio::time::timeout(timeout, rx.wait_for(|e| e.is_some()))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    fn me(&self) -> RaftId {
+        u64::from(self.settings.node_id)
+    }
+
+    fn leader(&self) -> Option<RaftId> {
+        self.raft.metrics().borrow().current_leader
+    }
+
+    fn peer_addr_of(&self, id: RaftId) -> Option<String> {
+        self.read(|a| {
+            a.membership
+                .membership()
+                .get_node(&id)
+                .map(|n| n.addr.clone())
+                .or_else(|| {
+                    u32::try_from(id)
+                        .ok()
+                        .and_then(|i| a.metadata.peer_addrs.get(&i).cloned())
+                })
+        })
+    }
+
+    fn not_controller(&self) -> PeerAnswer {
+        let leader = self.leader().filter(|l| *l != self.me());
+        let body = NotController {
+            message: format!(
+                "node {} is not the active controller",
+                self.settings.node_id
+            ),
+            leader: leader.and_then(|l| u32::try_from(l).ok()).unwrap_or(0),
+            leader_addr: leader
+                .and_then(|l| self.peer_addr_of(l))
+                .unwrap_or_default(),
+        };
+        let mut w = Writer::new();
+        body.encode(&mut w);
+        PeerAnswer {
+            code: ErrorCode::NotController,
+            body: w.into_bytes().freeze(),
+        }
+    }
+
+    /// Commits `command` through the active controller (forwarding it when that is another
+    /// node) and waits until this node's copy has applied it. Retries across controller
+    /// changes within a deadline.
+    pub async fn write(&self, command: Command) -> Result<Outcome, WriteError> {
+        let deadline = Instant::now() + WRITE_DEADLINE;
+        let mut backoff = Duration::from_millis(50);
+        let mut seed = 0usize;
+        let mut last_error = String::from("no controller known");
+        while Instant::now() < deadline {
+            let attempt = match self.leader() {
+                Some(l) if l == self.me() => match self.leader_write(command.clone()).await {
+                    Ok(r) => Ok(r),
+                    Err(None) => Err("leadership moved".to_string()),
+                    Err(Some(e)) => return Err(e),
+                },
+                known => {
+                    let addr = known
+                        .and_then(|l| self.peer_addr_of(l))
+                        .or_else(|| self.hint.lock().unwrap_or_else(|p| p.into_inner()).take())
+                        .or_else(|| {
+                            let s = &self.settings.seeds;
+                            seed += 1;
+                            (!s.is_empty()).then(|| s[seed % s.len()].clone())
+                        });
+                    match addr {
+                        Some(addr) => self.forward_write(&addr, &command).await,
+                        None => Err("no controller known and no seeds".to_string()),
+                    }
+                }
+            };
+            match attempt {
+                Ok(reply) => {
+                    self.wait_applied(reply.index, deadline).await;
+                    return Ok(reply.outcome);
+                }
+                Err(e) => last_error = e,
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(500));
+        }
+        Err(WriteError {
+            code: ErrorCode::RequestTimedOut,
+            message: format!("the metadata change was not committed in time: {last_error}"),
+        })
+    }
+
+    /// `Err(None)`: not (or no longer) the leader, retry; `Err(Some)`: fatal.
+    async fn leader_write(&self, command: Command) -> Result<WriteReply, Option<WriteError>> {
+        let register = match &command {
+            Command::Register { node, .. } => Some(*node),
+            _ => None,
+        };
+        match self.raft.client_write(command).await {
+            Ok(r) => {
+                if let (Some(node), Outcome::Registered { epoch }) = (register, &r.data) {
+                    // The lease starts at registration, not at the first heartbeat.
+                    self.leases
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(node, (*epoch, Instant::now()));
+                }
+                Ok(WriteReply {
+                    outcome: r.data,
+                    index: r.log_id.index,
+                })
+            }
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(None),
+            Err(e) => Err(Some(WriteError {
+                code: ErrorCode::Unknown,
+                message: format!("controller write failed: {e}"),
+            })),
+        }
+    }
+
+    async fn forward_write(&self, addr: &str, command: &Command) -> Result<WriteReply, String> {
+        let body = serde_json::to_vec(command).map_err(|e| e.to_string())?;
+        let (code, answer) = self
+            .peers
+            .call(addr, PeerApi::ControllerWrite, &body, PEER_CALL)
+            .await
+            .map_err(|e| e.to_string())?;
+        match code {
+            ErrorCode::None => serde_json::from_slice(&answer).map_err(|e| e.to_string()),
+            ErrorCode::NotController => {
+                if let Ok(nc) = NotController::decode(&mut Reader::new(answer))
+                    && !nc.leader_addr.is_empty()
+                {
+                    *self.hint.lock().unwrap_or_else(|p| p.into_inner()) = Some(nc.leader_addr);
+                }
+                Err(format!("{addr} is not the controller"))
+            }
+            other => Err(format!("{addr} answered {}", other.name())),
+        }
+    }
+
+    /// Waits (until `deadline`) for this node's copy to apply entry `index`.
+    pub async fn wait_applied(&self, index: u64, deadline: Instant) {
+        let mut rx = self.changes.clone();
+        let wait = rx.wait_for(|applied| *applied >= index);
+        let _ =
+            tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), wait).await;
+    }
+
+    /// Initialises the controller group, on the smallest voter only, once every voter is
+    /// reachable and none knows a controller already.
+    async fn bootstrap(self: Arc<Self>) {
+        let me = self.settings.node_id;
+        if self.settings.voters.first() != Some(&me) {
+            return;
+        }
+        loop {
+            match self.raft.is_initialized().await {
+                Ok(false) => {}
+                _ => return,
+            }
+            let mut known = BTreeMap::from([(me, self.settings.peer_addr.clone())]);
+            let mut led_elsewhere = false;
+            for seed in &self.settings.seeds {
+                if let Ok(h) = self.hello(seed).await {
+                    led_elsewhere |= h.controller != 0;
+                    if self.settings.voters.contains(&h.node_id) {
+                        known.insert(h.node_id, h.peer_addr);
+                    }
+                }
+            }
+            if led_elsewhere {
+                tracing::info!("a controller exists already; joining it");
+                return;
+            }
+            if self.settings.voters.iter().all(|v| known.contains_key(v)) {
+                match self.raft.initialize(raft::nodes(&known)).await {
+                    Ok(()) => tracing::info!(voters = ?known, "controller group initialised"),
+                    Err(e) => tracing::info!(error = %e, "controller group not initialised here"),
+                }
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
+    async fn hello(&self, addr: &str) -> Result<Hello, String> {
+        let mut w = Writer::new();
+        self.own_hello().encode(&mut w);
+        let (code, body) = self
+            .peers
+            .call(addr, PeerApi::Hello, &w.into_bytes(), PEER_CALL)
+            .await
+            .map_err(|e| e.to_string())?;
+        if code != ErrorCode::None {
+            return Err(code.name().to_string());
+        }
+        Hello::decode(&mut Reader::new(body)).map_err(|e| e.to_string())
+    }
+
+    fn own_hello(&self) -> Hello {
+        Hello {
+            node_id: self.settings.node_id,
+            peer_addr: self.settings.peer_addr.clone(),
+            client_addr: self.settings.client_addr.clone(),
+            controller: self
+                .leader()
+                .and_then(|l| u32::try_from(l).ok())
+                .unwrap_or(0),
+        }
+    }
+
+    /// Registers this incarnation, then heartbeats the active controller; registers again
+    /// when the controller says the epoch was replaced.
+    async fn broker_loop(self: Arc<Self>) {
+        loop {
+            match self.broker_epoch() {
+                None => {
+                    let cmd = Command::Register {
+                        node: self.settings.node_id,
+                        addr: self.settings.client_addr.clone(),
+                        peer_addr: self.settings.peer_addr.clone(),
+                    };
+                    match self.write(cmd).await {
+                        Ok(Outcome::Registered { epoch }) => {
+                            tracing::info!(epoch, "registered with the controller");
+                            self.epoch.send_replace(Some(epoch));
+                        }
+                        Ok(o) => tracing::warn!(outcome = ?o, "registration refused"),
+                        Err(e) => tracing::debug!(error = %e, "registration failed; retrying"),
+                    }
+                }
+                Some(epoch) => {
+                    let hb = BrokerHeartbeat {
+                        node_id: self.settings.node_id,
+                        broker_epoch: epoch,
+                    };
+                    if let ErrorCode::StaleBrokerEpoch = self.send_heartbeat(hb).await {
+                        tracing::warn!(epoch, "broker epoch replaced; registering again");
+                        self.epoch.send_replace(None);
+                        continue;
+                    }
+                }
+            }
+            tokio::time::sleep(self.settings.heartbeat).await;
+        }
+    }
+
+    async fn send_heartbeat(&self, hb: BrokerHeartbeat) -> ErrorCode {
+        match self.leader() {
+            Some(l) if l == self.me() => self.on_heartbeat(hb).await.code,
+            Some(l) => match self.peer_addr_of(l) {
+                Some(addr) => {
+                    let mut w = Writer::new();
+                    hb.encode(&mut w);
+                    match self
+                        .peers
+                        .call(&addr, PeerApi::BrokerHeartbeat, &w.into_bytes(), PEER_CALL)
+                        .await
+                    {
+                        Ok((code, _)) => code,
+                        Err(_) => ErrorCode::RequestTimedOut,
+                    }
+                }
+                None => ErrorCode::NotController,
+            },
+            None => ErrorCode::NotController,
+        }
+    }
+
+    /// The active controller's side of a heartbeat.
+    async fn on_heartbeat(&self, hb: BrokerHeartbeat) -> PeerAnswer {
+        if self.leader() != Some(self.me()) {
+            return self.not_controller();
+        }
+        let state = self.read(|a| {
+            a.metadata
+                .control
+                .brokers()
+                .get(&hb.node_id)
+                .map(|b| (b.epoch, b.fenced))
+        });
+        match state {
+            Some((epoch, fenced)) if epoch == hb.broker_epoch => {
+                self.leases
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(hb.node_id, (epoch, Instant::now()));
+                if fenced {
+                    let cmd = Command::Unfence {
+                        node: hb.node_id,
+                        epoch,
+                    };
+                    if let Err(Some(e)) = self.leader_write(cmd).await {
+                        tracing::warn!(error = %e, node = hb.node_id, "unfencing failed");
+                    }
+                }
+                PeerAnswer::ok(Bytes::new())
+            }
+            _ => PeerAnswer::err(
+                ErrorCode::StaleBrokerEpoch,
+                &format!(
+                    "broker {} epoch {} is not the registered incarnation",
+                    hb.node_id, hb.broker_epoch
+                ),
+            ),
+        }
+    }
+
+    /// As active controller: fences brokers whose lease ran out and adds registered brokers
+    /// to the group as learners.
+    async fn controller_loop(self: Arc<Self>) {
+        let tick = (self.settings.heartbeat / 2).max(Duration::from_millis(20));
+        loop {
+            tokio::time::sleep(tick).await;
+            let (leader, term, state) = {
+                let m = self.raft.metrics();
+                let m = m.borrow();
+                (m.current_leader, m.current_term, m.state)
+            };
+            if leader != Some(self.me()) || state != ServerState::Leader {
+                *self.lead_term.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                continue;
+            }
+            let (brokers, members, peer_addrs) = self.read(|a| {
+                let brokers: Vec<(u32, u64, bool)> = a
+                    .metadata
+                    .control
+                    .brokers()
+                    .iter()
+                    .map(|(id, b)| (*id, b.epoch, b.fenced))
+                    .collect();
+                let members: BTreeSet<RaftId> = a
+                    .membership
+                    .membership()
+                    .nodes()
+                    .map(|(id, _)| *id)
+                    .collect();
+                (brokers, members, a.metadata.peer_addrs.clone())
+            });
+            {
+                let mut lead = self.lead_term.lock().unwrap_or_else(|p| p.into_inner());
+                if *lead != Some(term) {
+                    // A new active controller: everyone gets a full lease from now.
+                    *lead = Some(term);
+                    let now = Instant::now();
+                    let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+                    leases.clear();
+                    for (id, epoch, _) in &brokers {
+                        leases.insert(*id, (*epoch, now));
+                    }
+                    tracing::info!(term, "active controller");
+                }
+            }
+            let expired: Vec<(u32, u64)> = {
+                let leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+                brokers
+                    .iter()
+                    .filter(|(_, _, fenced)| !fenced)
+                    .filter(|(id, epoch, _)| match leases.get(id) {
+                        Some((e, at)) => e != epoch || at.elapsed() > self.settings.lease,
+                        None => true,
+                    })
+                    .map(|(id, epoch, _)| (*id, *epoch))
+                    .collect()
+            };
+            for (node, epoch) in expired {
+                tracing::warn!(node, epoch, "broker lease expired; fencing");
+                let _ = self.leader_write(Command::Fence { node, epoch }).await;
+            }
+            for (id, addr) in peer_addrs {
+                let rid = u64::from(id);
+                if !members.contains(&rid) {
+                    match self
+                        .raft
+                        .add_learner(rid, BasicNode::new(&addr), false)
+                        .await
+                    {
+                        Ok(_) => tracing::info!(node = id, %addr, "added as a metadata learner"),
+                        Err(e) => tracing::debug!(node = id, error = %e, "adding learner failed"),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Where peers reach this node.
+    pub fn peer_addr(&self) -> &str {
+        &self.settings.peer_addr
+    }
+
+    /// Controlled shutdown: leadership of this node's partitions moves away now (bounded).
+    /// The node keeps taking part until [`stop`](Self::stop).
+    pub async fn controlled_shutdown(&self) {
+        if let Some(epoch) = self.broker_epoch() {
+            let cmd = Command::Shutdown {
+                node: self.settings.node_id,
+                epoch,
+            };
+            match tokio::time::timeout(Duration::from_secs(5), self.write(cmd)).await {
+                Ok(Ok(_)) => tracing::info!("controlled shutdown: leadership moved away"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "controlled shutdown not committed"),
+                Err(_) => tracing::warn!("controlled shutdown timed out"),
+            }
+        }
+    }
+
+    /// Stops the Raft group, the peer endpoint and this node's tasks.
+    pub async fn stop(&self) {
+        for t in self
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            t.abort();
+        }
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft shutdown");
+        }
+        self.server.shutdown(0, "node shutting down").await;
+        self.peers.shutdown().await;
+    }
+
+    /// The ClusterStatus answer from this node's copy.
+    pub fn status(&self) -> ClusterStatusResponse {
+        let m = self.raft.metrics().borrow().clone();
+        self.read(|a| {
+            let membership = a.membership.membership();
+            let voters: BTreeSet<RaftId> = membership.voter_ids().collect();
+            let mut ids: BTreeSet<u32> = a.metadata.control.brokers().keys().copied().collect();
+            ids.extend(
+                membership
+                    .nodes()
+                    .filter_map(|(id, _)| u32::try_from(*id).ok()),
+            );
+            let members = ids
+                .into_iter()
+                .map(|id| {
+                    let b = a.metadata.control.brokers().get(&id);
+                    let rid = u64::from(id);
+                    ClusterMember {
+                        node_id: id,
+                        addr: b.map(|b| b.addr.clone()).unwrap_or_default(),
+                        peer_addr: a
+                            .metadata
+                            .peer_addrs
+                            .get(&id)
+                            .cloned()
+                            .or_else(|| membership.get_node(&rid).map(|n| n.addr.clone()))
+                            .unwrap_or_default(),
+                        role: if voters.contains(&rid) {
+                            RaftRole::Voter
+                        } else if membership.get_node(&rid).is_some() {
+                            RaftRole::Learner
+                        } else {
+                            RaftRole::None
+                        },
+                        state: match b {
+                            None => MemberState::Unregistered,
+                            Some(b) if b.fenced => MemberState::Fenced,
+                            Some(_) => MemberState::Live,
+                        },
+                        broker_epoch: b.map_or(0, |b| b.epoch),
+                    }
+                })
+                .collect();
+            let partitions = a
+                .metadata
+                .control
+                .topics()
+                .flat_map(|(name, parts)| {
+                    parts
+                        .iter()
+                        .enumerate()
+                        .map(move |(i, p)| PartitionLeadership {
+                            topic: name.to_string(),
+                            partition: i as u32,
+                            leader: p.state().leader.unwrap_or(0),
+                            leader_epoch: p.state().epoch,
+                            replicas: p.replicas().to_vec(),
+                            isr: p.state().isr.iter().copied().collect(),
+                        })
+                })
+                .collect();
+            ClusterStatusResponse {
+                status: Status::ok(),
+                node_id: self.settings.node_id,
+                controller: m
+                    .current_leader
+                    .and_then(|l| u32::try_from(l).ok())
+                    .unwrap_or(0),
+                term: m.current_term,
+                applied: a.last_applied.map_or(0, |l| l.index),
+                members,
+                partitions,
+            }
+        })
+    }
+}
+
+fn json<T: Serialize>(v: &T) -> PeerAnswer {
+    match serde_json::to_vec(v) {
+        Ok(b) => PeerAnswer::ok(b),
+        Err(e) => PeerAnswer::err(ErrorCode::Unknown, &e.to_string()),
+    }
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, PeerAnswer> {
+    serde_json::from_slice(body)
+        .map_err(|e| PeerAnswer::err(ErrorCode::InvalidRequest, &format!("bad body: {e}")))
+}
+
+impl PeerHandler for Cluster {
+    async fn handle(self: Arc<Self>, api: PeerApi, body: Bytes) -> PeerAnswer {
+        let r: Result<PeerAnswer, PeerAnswer> = async {
+            Ok(match api {
+                PeerApi::Hello => {
+                    Hello::decode(&mut Reader::new(body))
+                        .map_err(|e| PeerAnswer::err(ErrorCode::InvalidRequest, &e.to_string()))?;
+                    let mut w = Writer::new();
+                    self.own_hello().encode(&mut w);
+                    PeerAnswer::ok(w.into_bytes().freeze())
+                }
+                PeerApi::RaftVote => json(&self.raft.vote(parse(&body)?).await),
+                PeerApi::RaftAppend => json(&self.raft.append_entries(parse(&body)?).await),
+                PeerApi::RaftSnapshot => json(&self.raft.install_snapshot(parse(&body)?).await),
+                PeerApi::ControllerWrite => {
+                    let command: Command = parse(&body)?;
+                    match self.leader_write(command).await {
+                        Ok(reply) => json(&reply),
+                        Err(None) => self.not_controller(),
+                        Err(Some(e)) => PeerAnswer::err(e.code, &e.message),
+                    }
+                }
+                PeerApi::BrokerHeartbeat => {
+                    let hb = BrokerHeartbeat::decode(&mut Reader::new(body))
+                        .map_err(|e| PeerAnswer::err(ErrorCode::InvalidRequest, &e.to_string()))?;
+                    self.on_heartbeat(hb).await
+                }
+            })
+        }
+        .await;
+        r.unwrap_or_else(|e| e)
+    }
+}

@@ -1,0 +1,247 @@
+//! The peer protocol's two ends: [`PeerClient`] (one QUIC connection per peer, one request
+//! per stream) and the request loop of the peer endpoint, which hands each request to a
+//! [`PeerHandler`].
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use quiver_proto::codec::Writer;
+use quiver_proto::frame::{FRAME_LENGTH_BYTES, check_length_prefix};
+use quiver_proto::peer::PeerApi;
+use quiver_proto::{ErrorCode, RequestHeader, ResponseHeader};
+use quiver_transport::{Client, Connection, RecvStream, SendStream, Server};
+
+/// Largest peer frame, either way (a Raft snapshot chunk, a batch of log entries).
+pub const PEER_FRAME_BYTES_MAX: usize = 64 << 20;
+/// How long a peer may take to send a whole request.
+const PEER_REQUEST_READ: Duration = Duration::from_secs(10);
+
+/// A peer call failed before an answer arrived.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    /// Connecting, sending or receiving failed.
+    #[error("peer {addr}: {reason}")]
+    Transport {
+        /// The peer.
+        addr: String,
+        /// What failed.
+        reason: String,
+    },
+    /// No answer within the deadline.
+    #[error("peer {0}: no answer in time")]
+    Timeout(String),
+}
+
+/// Calls to peers, over one cached connection per address.
+pub struct PeerClient {
+    endpoint: Client,
+    conns: tokio::sync::Mutex<HashMap<String, Connection>>,
+}
+
+impl std::fmt::Debug for PeerClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerClient").finish_non_exhaustive()
+    }
+}
+
+impl PeerClient {
+    /// A client on `endpoint` (made with `Client::new_peer`).
+    pub fn new(endpoint: Client) -> Self {
+        Self {
+            endpoint,
+            conns: tokio::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    async fn connection(&self, addr: &str) -> Result<Connection, PeerError> {
+        let mut conns = self.conns.lock().await;
+        if let Some(c) = conns.get(addr) {
+            return Ok(c.clone());
+        }
+        let c = self
+            .endpoint
+            .connect(addr, None)
+            .await
+            .map_err(|e| PeerError::Transport {
+                addr: addr.to_string(),
+                reason: e.to_string(),
+            })?;
+        conns.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+
+    async fn forget(&self, addr: &str) {
+        self.conns.lock().await.remove(addr);
+    }
+
+    /// Sends one request and returns the answer's code and body (on an error code, the body
+    /// is the error's own: a message string, and for `not_controller` a leader hint).
+    pub async fn call(
+        &self,
+        addr: &str,
+        api: PeerApi,
+        body: &[u8],
+        timeout: Duration,
+    ) -> Result<(ErrorCode, Bytes), PeerError> {
+        let attempt = async {
+            let conn = self.connection(addr).await?;
+            let transport = |e: quiver_transport::TransportError| PeerError::Transport {
+                addr: addr.to_string(),
+                reason: e.to_string(),
+            };
+            let (mut send, mut recv) = conn.open_bi().await.map_err(transport)?;
+            let frame = RequestHeader {
+                api: api.code(),
+                version: 1,
+                request_id: 0,
+            }
+            .encode(body);
+            send.write_chunks(&mut [frame]).await.map_err(transport)?;
+            send.finish().map_err(transport)?;
+            let frame = read_frame(&mut recv)
+                .await
+                .map_err(|reason| PeerError::Transport {
+                    addr: addr.to_string(),
+                    reason,
+                })?;
+            let (header, body) =
+                ResponseHeader::decode(frame).map_err(|e| PeerError::Transport {
+                    addr: addr.to_string(),
+                    reason: e.to_string(),
+                })?;
+            Ok((ErrorCode::from_code(header.error), body))
+        };
+        let r = match tokio::time::timeout(timeout, attempt).await {
+            Ok(r) => r,
+            Err(_) => Err(PeerError::Timeout(addr.to_string())),
+        };
+        if r.is_err() {
+            // The next call connects anew (the peer may have restarted).
+            self.forget(addr).await;
+        }
+        r
+    }
+
+    /// Closes every connection.
+    pub async fn shutdown(&self) {
+        self.conns.lock().await.clear();
+        self.endpoint.shutdown(0, "node shutting down").await;
+    }
+}
+
+async fn read_frame(recv: &mut RecvStream) -> Result<Bytes, String> {
+    let mut prefix = [0u8; FRAME_LENGTH_BYTES];
+    recv.read_exact(&mut prefix)
+        .await
+        .map_err(|e| e.to_string())?;
+    let length = check_length_prefix(prefix, PEER_FRAME_BYTES_MAX).map_err(|e| e.to_string())?;
+    let rest = recv
+        .read_exact_bytes(length)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut frame = bytes::BytesMut::with_capacity(FRAME_LENGTH_BYTES + length);
+    frame.extend_from_slice(&prefix);
+    frame.extend_from_slice(&rest);
+    Ok(frame.freeze())
+}
+
+/// An answer: a code and a body.
+#[derive(Debug)]
+pub struct PeerAnswer {
+    /// `None` on success.
+    pub code: ErrorCode,
+    /// The body.
+    pub body: Bytes,
+}
+
+impl PeerAnswer {
+    /// Success with `body`.
+    pub fn ok(body: impl Into<Bytes>) -> Self {
+        Self {
+            code: ErrorCode::None,
+            body: body.into(),
+        }
+    }
+
+    /// A failure with a message.
+    pub fn err(code: ErrorCode, message: &str) -> Self {
+        let mut w = Writer::new();
+        w.string(message);
+        Self {
+            code,
+            body: w.into_bytes().freeze(),
+        }
+    }
+}
+
+/// What serves the peer endpoint's requests.
+pub trait PeerHandler: Send + Sync + 'static {
+    /// Answers one request.
+    fn handle(
+        self: Arc<Self>,
+        api: PeerApi,
+        body: Bytes,
+    ) -> impl std::future::Future<Output = PeerAnswer> + Send;
+}
+
+/// Accepts peer connections until the endpoint closes.
+pub async fn serve<H: PeerHandler>(server: Arc<Server>, handler: Arc<H>) {
+    while let Some(conn) = server.accept().await {
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            while let Ok(Some((send, recv))) = conn.accept_bi().await {
+                tokio::spawn(serve_stream(handler.clone(), send, recv));
+            }
+        });
+    }
+}
+
+async fn serve_stream<H: PeerHandler>(handler: Arc<H>, mut send: SendStream, mut recv: RecvStream) {
+    let frame = match tokio::time::timeout(PEER_REQUEST_READ, read_frame(&mut recv)).await {
+        Ok(Ok(f)) => f,
+        Ok(Err(e)) => {
+            return answer(&mut send, 0, PeerAnswer::err(ErrorCode::InvalidRequest, &e)).await;
+        }
+        Err(_) => {
+            return answer(
+                &mut send,
+                0,
+                PeerAnswer::err(ErrorCode::RequestTimedOut, "request not received in time"),
+            )
+            .await;
+        }
+    };
+    let (header, body) = match RequestHeader::decode(frame) {
+        Ok(h) => h,
+        Err(e) => {
+            return answer(
+                &mut send,
+                0,
+                PeerAnswer::err(ErrorCode::InvalidRequest, &e.to_string()),
+            )
+            .await;
+        }
+    };
+    let a = match PeerApi::from_code(header.api) {
+        Some(api) => handler.handle(api, body).await,
+        None => PeerAnswer::err(
+            ErrorCode::UnsupportedApi,
+            &format!("peer api {} is not supported", header.api),
+        ),
+    };
+    answer(&mut send, header.api, a).await;
+}
+
+async fn answer(send: &mut SendStream, api: u16, a: PeerAnswer) {
+    let frame = ResponseHeader {
+        api,
+        error: a.code.code(),
+        request_id: 0,
+    }
+    .encode(&a.body);
+    if send.write_chunks(&mut [frame]).await.is_ok() {
+        let _ = send.finish();
+    }
+}
