@@ -201,12 +201,86 @@ struct Progress {
     caught_up_ms: u64,
 }
 
-/// One replica of one partition.
+/// What a replica's log looks like to replication: its ends and its epoch lineage. The node
+/// implements it over the partition log (and its leader-epoch file); [`ReplicaLog`] is the
+/// simulation's.
+pub trait LogView {
+    /// Offset after the last entry.
+    fn end(&self) -> u64;
+    /// Offset after the last fsynced entry.
+    fn durable_end(&self) -> u64;
+    /// Epoch of the last entry.
+    fn last_epoch(&self) -> Option<Epoch>;
+    /// OffsetForLeaderEpoch: the largest epoch ≤ `epoch` in the log and where it ends.
+    fn end_of_epoch(&self, epoch: Epoch) -> Option<(Epoch, u64)>;
+}
+
+impl LogView for ReplicaLog {
+    fn end(&self) -> u64 {
+        ReplicaLog::end(self)
+    }
+    fn durable_end(&self) -> u64 {
+        ReplicaLog::durable_end(self)
+    }
+    fn last_epoch(&self) -> Option<Epoch> {
+        ReplicaLog::last_epoch(self)
+    }
+    fn end_of_epoch(&self, epoch: Epoch) -> Option<(Epoch, u64)> {
+        ReplicaLog::end_of_epoch(self, epoch)
+    }
+}
+
+/// A follower's fetch, as the leader receives it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FetchRequest {
+    /// The follower.
+    pub from: NodeId,
+    /// The leader epoch the follower knows.
+    pub epoch: Epoch,
+    /// The follower's log end: the first offset it wants.
+    pub fetch_offset: u64,
+    /// Epoch of the follower's last entry.
+    pub last_fetched_epoch: Option<Epoch>,
+    /// The follower's durable end (≤ `fetch_offset`).
+    pub durable_end: u64,
+}
+
+/// The leader's answer to a fetch, without the records (the caller reads those).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FetchAnswer {
+    /// Send entries from `start` (the fetch offset), with the high watermark.
+    Records {
+        /// The leader's epoch.
+        epoch: Epoch,
+        /// The fetch offset.
+        start: u64,
+        /// High watermark.
+        high_watermark: u64,
+    },
+    /// The follower's log diverges: it truncates to `end_offset`.
+    Diverging {
+        /// The leader's epoch.
+        epoch: Epoch,
+        /// The largest leader epoch ≤ the follower's last epoch, if any.
+        end_epoch: Option<Epoch>,
+        /// Where that epoch ends on the leader.
+        end_offset: u64,
+    },
+    /// Wrong epoch, or not the leader.
+    Fenced {
+        /// The receiver's epoch.
+        epoch: Epoch,
+    },
+}
+
+/// One replica's replication state, without its log: every decision takes a [`LogView`] and
+/// the caller does the log's I/O (appending, truncating, fsyncing, reading), then tells the
+/// core what changed. The node drives it over real partition logs; [`Replica`] drives it over
+/// an in-memory log for the simulation.
 #[derive(Debug)]
-pub struct Replica {
+pub struct ReplicaCore {
     id: NodeId,
     settings: Settings,
-    log: ReplicaLog,
     state: LeaderAndIsr,
     high_watermark: u64,
     /// As leader: entries below this are durable on at least `min_insync` ISR members, i.e.
@@ -220,13 +294,13 @@ pub struct Replica {
     pending: Option<(u64, IsrProposal)>,
 }
 
-impl Replica {
-    /// A replica with `log` (what survived on disk), knowing nothing of the partition yet.
-    pub fn new(id: NodeId, settings: Settings, log: ReplicaLog) -> Self {
+impl ReplicaCore {
+    /// A replica knowing nothing of the partition yet (after a restart it learns the high
+    /// watermark again from the leader).
+    pub fn new(id: NodeId, settings: Settings) -> Self {
         Self {
             id,
             settings,
-            log,
             state: LeaderAndIsr {
                 leader: None,
                 epoch: 0,
@@ -245,14 +319,19 @@ impl Replica {
         self.id
     }
 
-    /// The log.
-    pub fn log(&self) -> &ReplicaLog {
-        &self.log
+    /// The settings.
+    pub fn settings(&self) -> Settings {
+        self.settings
     }
 
     /// The high watermark this replica knows.
     pub fn high_watermark(&self) -> u64 {
         self.high_watermark
+    }
+
+    /// As leader: entries below this are acknowledged for `acks=all`.
+    pub fn acked_upto(&self) -> u64 {
+        self.acked_upto
     }
 
     /// The partition state this replica knows.
@@ -265,8 +344,14 @@ impl Replica {
         self.state.leader == Some(self.id)
     }
 
+    /// What the leader knows of each follower: (node, log end, durable end), as last
+    /// reported.
+    pub fn follower_ends(&self) -> impl Iterator<Item = (NodeId, u64, u64)> + '_ {
+        self.progress.iter().map(|(n, p)| (*n, p.end, p.durable))
+    }
+
     /// Applies a partition state from the controller (ignores older ones).
-    pub fn on_leader_and_isr(&mut self, s: &LeaderAndIsr, now_ms: u64) {
+    pub fn on_leader_and_isr(&mut self, s: &LeaderAndIsr, now_ms: u64, log: &impl LogView) {
         if (s.epoch, s.partition_epoch) <= (self.state.epoch, self.state.partition_epoch)
             && self.state.leader.is_some()
         {
@@ -297,29 +382,25 @@ impl Replica {
                 })
                 .collect();
             self.pending = None;
-            self.high_watermark = self.high_watermark.min(self.log.end());
+            self.high_watermark = self.high_watermark.min(log.end());
             self.acked_upto = 0;
         }
         if !self.is_leader() {
             self.progress.clear();
             self.pending = None;
         }
-        self.advance_high_watermark();
+        self.on_log_change(log);
     }
 
-    /// Appends `ids` as the leader. Returns the offset of the first.
-    pub fn produce(&mut self, ids: &[u64]) -> Result<u64, ProduceError> {
+    /// Whether a produce may be appended now, and the epoch to stamp it with.
+    pub fn check_produce(&self) -> Result<Epoch, ProduceError> {
         if !self.is_leader() {
             return Err(ProduceError::NotLeader);
         }
         if self.state.isr.len() < self.settings.min_insync {
             return Err(ProduceError::NotEnoughReplicas);
         }
-        let base = self.log.end();
-        let epoch = self.state.epoch;
-        let entries: Vec<Entry> = ids.iter().map(|id| Entry { epoch, id: *id }).collect();
-        self.log.append(&entries);
-        Ok(base)
+        Ok(self.state.epoch)
     }
 
     /// Whether the entry at `offset`, appended in `epoch`, is acknowledged for `acks=all`:
@@ -328,157 +409,130 @@ impl Replica {
         self.is_leader() && self.state.epoch == epoch && self.acked_upto > offset
     }
 
-    /// fsync.
-    pub fn sync(&mut self) {
-        self.log.sync();
-        self.advance_high_watermark();
+    /// The local log grew or was fsynced: as leader, the high watermark may move.
+    pub fn on_log_change(&mut self, log: &impl LogView) {
+        self.advance_high_watermark(log);
     }
 
     /// The fetch a follower sends now, to its leader.
-    pub fn fetch(&self) -> Option<(NodeId, Message)> {
+    pub fn fetch_request(&self, log: &impl LogView) -> Option<(NodeId, FetchRequest)> {
         let leader = self.state.leader?;
         if leader == self.id {
             return None;
         }
         Some((
             leader,
-            Message::Fetch {
+            FetchRequest {
                 from: self.id,
                 epoch: self.state.epoch,
-                fetch_offset: self.log.end(),
-                last_fetched_epoch: self.log.last_epoch(),
-                durable_end: self.log.durable_end(),
+                fetch_offset: log.end(),
+                last_fetched_epoch: log.last_epoch(),
+                durable_end: log.durable_end(),
             },
         ))
     }
 
-    /// Handles a message; returns the answer to send back, if any.
-    pub fn on_message(&mut self, m: Message, now_ms: u64) -> Option<(NodeId, Message)> {
-        match m {
-            Message::Fetch {
-                from,
-                epoch,
-                fetch_offset,
-                last_fetched_epoch,
-                durable_end,
-            } => Some((
-                from,
-                self.on_fetch(
-                    from,
-                    epoch,
-                    fetch_offset,
-                    last_fetched_epoch,
-                    durable_end,
-                    now_ms,
-                ),
-            )),
-            Message::Records {
-                epoch,
-                start,
-                entries,
-                high_watermark,
-            } => {
-                if epoch == self.state.epoch && !self.is_leader() && start == self.log.end() {
-                    self.log.append(&entries);
-                    let hw = high_watermark.min(self.log.end());
-                    self.high_watermark = self.high_watermark.max(hw);
-                }
-                None
-            }
-            Message::Diverging {
-                epoch,
-                end_epoch,
-                end_offset,
-            } => {
-                if epoch == self.state.epoch && !self.is_leader() {
-                    // KIP-279: also no further than where that epoch (or the largest one
-                    // below it) ends here, so the next fetch names an epoch both logs share.
-                    let mine = end_epoch
-                        .and_then(|e| self.log.end_of_epoch(e))
-                        .map_or(0, |(_, end)| end);
-                    self.log.truncate(end_offset.min(mine));
-                    self.high_watermark = self.high_watermark.min(self.log.end());
-                }
-                None
-            }
-            Message::Fenced { .. } => None,
-        }
+    /// As follower: whether records of `epoch` starting at `start` may be appended now.
+    pub fn accepts_records(&self, epoch: Epoch, start: u64, log: &impl LogView) -> bool {
+        epoch == self.state.epoch && !self.is_leader() && start == log.end()
     }
 
-    fn on_fetch(
-        &mut self,
-        from: NodeId,
+    /// As follower: records were appended (or none came); `high_watermark` is the leader's.
+    pub fn on_records(&mut self, high_watermark: u64, log: &impl LogView) {
+        let hw = high_watermark.min(log.end());
+        self.high_watermark = self.high_watermark.max(hw);
+    }
+
+    /// As follower: the leader says the log diverges. Returns where to truncate to, if this
+    /// answer applies; then call [`on_truncated`](Self::on_truncated).
+    pub fn on_diverging(
+        &self,
         epoch: Epoch,
-        fetch_offset: u64,
-        last_fetched_epoch: Option<Epoch>,
-        durable_end: u64,
-        now_ms: u64,
-    ) -> Message {
+        end_epoch: Option<Epoch>,
+        end_offset: u64,
+        log: &impl LogView,
+    ) -> Option<u64> {
+        if epoch != self.state.epoch || self.is_leader() {
+            return None;
+        }
+        // KIP-279: also no further than where that epoch (or the largest one below it) ends
+        // here, so the next fetch names an epoch both logs share.
+        let mine = end_epoch
+            .and_then(|e| log.end_of_epoch(e))
+            .map_or(0, |(_, end)| end);
+        Some(end_offset.min(mine))
+    }
+
+    /// The log was truncated.
+    pub fn on_truncated(&mut self, log: &impl LogView) {
+        self.high_watermark = self.high_watermark.min(log.end());
+    }
+
+    /// As leader: answers a follower's fetch (the caller then reads records from the fetch
+    /// offset when the answer is [`FetchAnswer::Records`]).
+    pub fn on_fetch(&mut self, f: &FetchRequest, now_ms: u64, log: &impl LogView) -> FetchAnswer {
         let mine = self.state.epoch;
-        if !self.is_leader() || epoch != mine {
-            return Message::Fenced { epoch: mine };
+        if !self.is_leader() || f.epoch != mine {
+            return FetchAnswer::Fenced { epoch: mine };
         }
         // Where does the follower's log stop agreeing with ours?
-        let diverging = match last_fetched_epoch {
-            None => (fetch_offset > 0).then_some((None, 0)),
-            Some(last) => match self.log.end_of_epoch(last) {
+        let diverging = match f.last_fetched_epoch {
+            None => (f.fetch_offset > 0).then_some((None, 0)),
+            Some(last) => match log.end_of_epoch(last) {
                 None => Some((None, 0)),
-                Some((e, end)) if e != last || end < fetch_offset => Some((Some(e), end)),
+                Some((e, end)) if e != last || end < f.fetch_offset => Some((Some(e), end)),
                 Some(_) => None,
             },
         };
         if let Some((end_epoch, end_offset)) = diverging {
-            return Message::Diverging {
+            return FetchAnswer::Diverging {
                 epoch: mine,
                 end_epoch,
-                end_offset: end_offset.min(fetch_offset),
+                end_offset: end_offset.min(f.fetch_offset),
             };
         }
-        let leader_end = self.log.end();
-        let p = self.progress.entry(from).or_insert_with(|| Progress {
+        let leader_end = log.end();
+        let p = self.progress.entry(f.from).or_insert_with(|| Progress {
             caught_up_ms: 0,
             ..Progress::default()
         });
-        p.end = fetch_offset;
-        p.durable = durable_end.min(fetch_offset);
-        if fetch_offset >= leader_end {
+        p.end = f.fetch_offset;
+        p.durable = f.durable_end.min(f.fetch_offset);
+        if f.fetch_offset >= leader_end {
             p.caught_up_ms = now_ms;
         }
-        self.advance_high_watermark();
-        let start = fetch_offset as usize;
-        let stop = (start + self.settings.fetch_entries_max).min(self.log.entries.len());
-        Message::Records {
+        self.advance_high_watermark(log);
+        FetchAnswer::Records {
             epoch: mine,
-            start: fetch_offset,
-            entries: self.log.entries[start..stop].to_vec(),
+            start: f.fetch_offset,
             high_watermark: self.high_watermark,
         }
     }
 
-    fn advance_high_watermark(&mut self) {
+    fn advance_high_watermark(&mut self, log: &impl LogView) {
         if !self.is_leader() {
             return;
         }
         // Over the *maximal* ISR: the committed one plus a replica being added. The
         // controller may already have committed the addition (and could elect that replica)
         // before this leader hears of it, so what it acknowledges must be on it too.
-        let mut hw = self.log.durable_end();
+        let mut hw = log.durable_end();
         let pending = self.pending.as_ref().map(|(_, p)| &p.isr);
         for n in self.state.isr.iter().chain(pending.into_iter().flatten()) {
             if *n != self.id {
                 hw = hw.min(self.progress.get(n).map_or(0, |p| p.durable));
             }
         }
-        self.high_watermark = self.high_watermark.max(hw).min(self.log.end());
+        self.high_watermark = self.high_watermark.max(hw).min(log.end());
         if self.state.isr.len() >= self.settings.min_insync {
-            self.acked_upto = self.acked_upto.max(hw.min(self.log.end()));
+            self.acked_upto = self.acked_upto.max(hw.min(log.end()));
         }
     }
 
     /// Periodic work of a leader: an ISR change to ask the controller for (a follower that
     /// lagged for `lag_max_ms` out, one that reached the high watermark in), at most one at a
     /// time; a proposal unanswered for `lag_max_ms` is sent again.
-    pub fn tick(&mut self, now_ms: u64) -> Option<IsrProposal> {
+    pub fn tick(&mut self, now_ms: u64, log: &impl LogView) -> Option<IsrProposal> {
         if !self.is_leader() {
             return None;
         }
@@ -507,7 +561,7 @@ impl Replica {
             // after a power loss (the simulation found the log-end-only rule losing
             // acknowledged records that way).
             let joining = self.progress.iter().find(|(n, p)| {
-                !isr.contains(n) && p.durable >= self.high_watermark && p.end >= self.log.end()
+                !isr.contains(n) && p.durable >= self.high_watermark && p.end >= log.end()
             });
             match joining {
                 Some((n, _)) => {
@@ -524,6 +578,172 @@ impl Replica {
         };
         self.pending = Some((now_ms, p.clone()));
         Some(p)
+    }
+}
+
+/// One replica of one partition with an in-memory log: [`ReplicaCore`] plus the log I/O, as
+/// the simulation runs it (the node does the same I/O on its partition logs).
+#[derive(Debug)]
+pub struct Replica {
+    core: ReplicaCore,
+    log: ReplicaLog,
+}
+
+impl Replica {
+    /// A replica with `log` (what survived on disk), knowing nothing of the partition yet.
+    pub fn new(id: NodeId, settings: Settings, log: ReplicaLog) -> Self {
+        Self {
+            core: ReplicaCore::new(id, settings),
+            log,
+        }
+    }
+
+    /// This node.
+    pub fn id(&self) -> NodeId {
+        self.core.id()
+    }
+
+    /// The log.
+    pub fn log(&self) -> &ReplicaLog {
+        &self.log
+    }
+
+    /// The high watermark this replica knows.
+    pub fn high_watermark(&self) -> u64 {
+        self.core.high_watermark()
+    }
+
+    /// The partition state this replica knows.
+    pub fn state(&self) -> &LeaderAndIsr {
+        self.core.state()
+    }
+
+    /// Whether this replica leads its known epoch.
+    pub fn is_leader(&self) -> bool {
+        self.core.is_leader()
+    }
+
+    /// Applies a partition state from the controller (ignores older ones).
+    pub fn on_leader_and_isr(&mut self, s: &LeaderAndIsr, now_ms: u64) {
+        self.core.on_leader_and_isr(s, now_ms, &self.log);
+    }
+
+    /// Appends `ids` as the leader. Returns the offset of the first.
+    pub fn produce(&mut self, ids: &[u64]) -> Result<u64, ProduceError> {
+        let epoch = self.core.check_produce()?;
+        let base = self.log.end();
+        let entries: Vec<Entry> = ids.iter().map(|id| Entry { epoch, id: *id }).collect();
+        self.log.append(&entries);
+        self.core.on_log_change(&self.log);
+        Ok(base)
+    }
+
+    /// Whether the entry at `offset`, appended in `epoch`, is acknowledged for `acks=all`.
+    pub fn acknowledged(&self, epoch: Epoch, offset: u64) -> bool {
+        self.core.acknowledged(epoch, offset)
+    }
+
+    /// fsync.
+    pub fn sync(&mut self) {
+        self.log.sync();
+        self.core.on_log_change(&self.log);
+    }
+
+    /// The fetch a follower sends now, to its leader.
+    pub fn fetch(&self) -> Option<(NodeId, Message)> {
+        self.core.fetch_request(&self.log).map(|(to, f)| {
+            (
+                to,
+                Message::Fetch {
+                    from: f.from,
+                    epoch: f.epoch,
+                    fetch_offset: f.fetch_offset,
+                    last_fetched_epoch: f.last_fetched_epoch,
+                    durable_end: f.durable_end,
+                },
+            )
+        })
+    }
+
+    /// Handles a message; returns the answer to send back, if any.
+    pub fn on_message(&mut self, m: Message, now_ms: u64) -> Option<(NodeId, Message)> {
+        match m {
+            Message::Fetch {
+                from,
+                epoch,
+                fetch_offset,
+                last_fetched_epoch,
+                durable_end,
+            } => {
+                let f = FetchRequest {
+                    from,
+                    epoch,
+                    fetch_offset,
+                    last_fetched_epoch,
+                    durable_end,
+                };
+                let answer = match self.core.on_fetch(&f, now_ms, &self.log) {
+                    FetchAnswer::Records {
+                        epoch,
+                        start,
+                        high_watermark,
+                    } => {
+                        let first = start as usize;
+                        let stop = (first + self.core.settings().fetch_entries_max)
+                            .min(self.log.entries().len());
+                        Message::Records {
+                            epoch,
+                            start,
+                            entries: self.log.entries()[first..stop].to_vec(),
+                            high_watermark,
+                        }
+                    }
+                    FetchAnswer::Diverging {
+                        epoch,
+                        end_epoch,
+                        end_offset,
+                    } => Message::Diverging {
+                        epoch,
+                        end_epoch,
+                        end_offset,
+                    },
+                    FetchAnswer::Fenced { epoch } => Message::Fenced { epoch },
+                };
+                Some((from, answer))
+            }
+            Message::Records {
+                epoch,
+                start,
+                entries,
+                high_watermark,
+            } => {
+                if self.core.accepts_records(epoch, start, &self.log) {
+                    self.log.append(&entries);
+                    self.core.on_records(high_watermark, &self.log);
+                }
+                None
+            }
+            Message::Diverging {
+                epoch,
+                end_epoch,
+                end_offset,
+            } => {
+                if let Some(to) = self
+                    .core
+                    .on_diverging(epoch, end_epoch, end_offset, &self.log)
+                {
+                    self.log.truncate(to);
+                    self.core.on_truncated(&self.log);
+                }
+                None
+            }
+            Message::Fenced { .. } => None,
+        }
+    }
+
+    /// Periodic work of a leader: an ISR change to ask the controller for.
+    pub fn tick(&mut self, now_ms: u64) -> Option<IsrProposal> {
+        self.core.tick(now_ms, &self.log)
     }
 }
 
