@@ -540,6 +540,75 @@ impl PartitionLog {
         Ok(report)
     }
 
+    /// Removes every batch from the one holding `to` on (replication: a follower whose log
+    /// diverged from its new leader's). Truncation is by whole batches, so the new log end may
+    /// be below `to` (the start of the batch holding it). Segments after it are deleted
+    /// newest first, the segment holding it is cut and fsynced, and the log is reopened, which
+    /// rebuilds that segment's indexes. `to` below the log start empties the log and starts it
+    /// again at `to`. Returns the new log end.
+    pub fn truncate(&mut self, to: u64, now_ms: i64) -> Result<u64, LogError> {
+        if to >= self.log_end_offset {
+            return Ok(self.log_end_offset);
+        }
+        let dir = self.dir.clone();
+        let remove = |base: u64| -> Result<(), LogError> {
+            for ext in [LOG_EXT, INDEX_EXT, TIME_INDEX_EXT] {
+                let path = segment_path(&dir, base, ext);
+                match fs::remove_file(&path) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                        return Err(io_err("remove", &path)(e));
+                    }
+                    _ => {}
+                }
+            }
+            Ok(())
+        };
+        let bases: Vec<u64> = self.segments().map(|s| s.base_offset).collect();
+        if to < self.log_start_offset() {
+            for base in bases.iter().rev() {
+                remove(*base)?;
+                sync_dir(&dir)?;
+            }
+            let path = segment_path(&dir, to, LOG_EXT);
+            File::create(&path).map_err(io_err("create", &path))?;
+            sync_dir(&dir)?;
+        } else {
+            let i = self.segment_index(to);
+            let (position, header, _) = self.segment(i).locate(to)?;
+            debug_assert!(header.base_offset <= to);
+            for base in bases[i + 1..].iter().rev() {
+                remove(*base)?;
+                sync_dir(&dir)?;
+            }
+            let seg = self.segment(i);
+            // Sealed segments are open read-only: cut through a handle of its own.
+            let file = OpenOptions::new()
+                .write(true)
+                .open(&seg.path)
+                .map_err(io_err("open", &seg.path))?;
+            file.set_len(position)
+                .map_err(io_err("truncate", &seg.path))?;
+            file.sync_all().map_err(io_err("sync", &seg.path))?;
+            // Its indexes may point past the cut: rebuilt when the log is reopened.
+            for ext in [INDEX_EXT, TIME_INDEX_EXT] {
+                let path = segment_path(&dir, seg.base_offset, ext);
+                match fs::remove_file(&path) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                        return Err(io_err("remove", &path)(e));
+                    }
+                    _ => {}
+                }
+            }
+            sync_dir(&dir)?;
+        }
+        let (log, _) = Self::open(&dir, self.config.clone(), now_ms)?;
+        let flushes = self.flushes;
+        *self = log;
+        self.flushes = flushes;
+        tracing::info!(dir = %dir.display(), to, end = self.log_end_offset, "truncated");
+        Ok(self.log_end_offset)
+    }
+
     /// Removes the whole directory (topic deletion): renamed to `<dir>.deleted` first so that a
     /// crash leaves either the whole log or a directory marked for deletion.
     pub fn delete(self) -> Result<(), LogError> {

@@ -471,3 +471,52 @@ fn malformed_appends_are_rejected_without_side_effects() {
     ));
     assert_eq!((log.log_end_offset(), log.size_bytes()), (0, 0));
 }
+
+#[test]
+fn truncate_cuts_whole_batches_across_segments_and_appends_continue() {
+    let dir = tempfile::tempdir().unwrap();
+    // Small segments: the 40 batches span several.
+    let mut log = open(dir.path(), small_config(400));
+    forty(&mut log);
+    assert!(log.segment_count() > 3);
+    // Into the middle of a batch of three records: cut back to that batch's start.
+    let mut three = batch(&[b"x", b"y", b"z"], &[1, 2, 3]);
+    assert_eq!(log.append(&mut three, 4, 0).unwrap().base_offset, 40);
+    assert_eq!(log.truncate(42, 0).unwrap(), 40);
+    assert_eq!(log.log_end_offset(), 40);
+    // Into an older segment: everything from offset 17 on goes, newer segments included.
+    let segments = log.segment_count();
+    assert_eq!(log.truncate(17, 0).unwrap(), 17);
+    assert!(log.segment_count() < segments);
+    assert_eq!(log.log_end_offset(), 17);
+    assert_eq!(
+        bases(&log.read(0, usize::MAX, u64::MAX).unwrap()),
+        (0..17).collect::<Vec<_>>()
+    );
+    // Appends go on from the cut, and reads find them through rebuilt indexes.
+    let mut next = single(99, 50, 5000);
+    assert_eq!(log.append(&mut next, 5, 0).unwrap().base_offset, 17);
+    log.flush().unwrap();
+    drop(log);
+    let log = open(dir.path(), small_config(400));
+    assert_eq!(log.log_end_offset(), 18);
+    let back = records(&log.read(10, usize::MAX, u64::MAX).unwrap());
+    assert_eq!(back.last().unwrap().offset, 17);
+    assert_eq!(back.last().unwrap().value.as_deref(), Some(&[99u8; 50][..]));
+    // Truncating at or past the end changes nothing.
+    let mut log = log;
+    assert_eq!(log.truncate(18, 0).unwrap(), 18);
+    assert_eq!(log.truncate(1_000, 0).unwrap(), 18);
+}
+
+#[test]
+fn truncate_below_the_log_start_starts_the_log_again_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = open(dir.path(), small_config(400));
+    forty(&mut log);
+    assert_eq!(log.truncate(0, 0).unwrap(), 0);
+    assert_eq!(log.log_end_offset(), 0);
+    assert!(log.read(0, usize::MAX, u64::MAX).unwrap().is_empty());
+    let mut b = single(1, 50, 1);
+    assert_eq!(log.append(&mut b, 7, 0).unwrap().base_offset, 0);
+}
