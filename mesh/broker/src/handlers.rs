@@ -571,12 +571,46 @@ pub async fn produce(
     // so the next request's appends can queue up behind these while they complete.
     let mut pending: Vec<Append> = Vec::with_capacity(prepared.len());
     for (part, batches, policy) in prepared {
-        match policy {
-            None => pending.push(match part.enqueue(batches).await {
+        // acks=all on a replicated partition: refused at once without enough in-sync
+        // replicas (`min.insync.replicas`), else answered once the records are durable on
+        // that many of them.
+        let all = req.acks == Acks::All && part.is_replicated();
+        if all {
+            let r = part.replication();
+            if r.isr < r.min_insync {
+                pending.push(Box::pin(std::future::ready(Err(
+                    PartitionError::not_enough_replicas(&part, r),
+                ))));
+                continue;
+            }
+        }
+        let records: u64 = batches
+            .iter()
+            .filter_map(|b| quiver_proto::BatchHeader::parse(b).ok())
+            .map(|h| u64::from(h.last_offset_delta) + 1)
+            .sum();
+        let epoch = match part.role() {
+            crate::partition::Role::Leader { epoch } => epoch,
+            _ => 0,
+        };
+        let append: Append = match policy {
+            None => match part.enqueue(batches).await {
                 Ok(wait) => Box::pin(wait),
                 Err(e) => Box::pin(std::future::ready(Err(e))),
-            }),
-            Some(policy) => pending.push(produce_with_policy(broker, part, batches, policy).await),
+            },
+            Some(policy) => produce_with_policy(broker, part.clone(), batches, policy).await,
+        };
+        if all {
+            pending.push(Box::pin(async move {
+                let base = append.await?;
+                // A policy may have dropped records: the partition's end is then closer;
+                // waiting for the last offset sent is the safe side.
+                part.wait_acknowledged(epoch, base + records.max(1) - 1)
+                    .await?;
+                Ok(base)
+            }));
+        } else {
+            pending.push(append);
         }
     }
     drop(turn);

@@ -18,6 +18,7 @@ pub mod chains;
 pub mod cli;
 pub mod cluster;
 pub mod config;
+pub mod epochs;
 pub mod handlers;
 pub mod node;
 pub mod order;

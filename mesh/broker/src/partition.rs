@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::epochs::EpochCache;
 use crate::now_ms;
 use crate::topic_config::{FlushPolicy, TopicConfig};
 
@@ -43,6 +44,20 @@ impl PartitionError {
             message: message.into(),
         }
     }
+
+    /// `not_enough_replicas` for an `acks=all` produce.
+    pub fn not_enough_replicas(p: &Partition, r: Replication) -> Self {
+        Self::new(
+            ErrorCode::NotEnoughReplicas,
+            format!(
+                "{}/{} has {} in-sync replica(s), min.insync.replicas is {}",
+                p.topic(),
+                p.id().0,
+                r.isr,
+                r.min_insync
+            ),
+        )
+    }
 }
 
 impl From<LogError> for PartitionError {
@@ -55,9 +70,69 @@ impl From<LogError> for PartitionError {
     }
 }
 
+/// How the appender stores a job's batches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AppendKind {
+    /// A produce on the leader: offsets assigned at the log end, stamped with this epoch.
+    Produce {
+        /// The leader epoch.
+        epoch: u32,
+    },
+    /// A follower's copy of the leader's batches: each must start at the log end, and keeps
+    /// the offsets and epoch the leader gave it.
+    Replica,
+}
+
 struct AppendJob {
     batches: Vec<Bytes>,
+    kind: AppendKind,
     reply: oneshot::Sender<Result<u64, PartitionError>>,
+}
+
+/// Where a partition's log ends, and how much of it is fsynced.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LogEnds {
+    /// Offset after the last appended record.
+    pub end: u64,
+    /// Offset after the last fsynced record.
+    pub durable: u64,
+}
+
+/// What replication tells produce about a replicated partition (cluster mode).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Replication {
+    /// The leader epoch this node leads in (meaningful while it leads).
+    pub epoch: u32,
+    /// In-sync replicas now.
+    pub isr: u16,
+    /// The topic's `min.insync.replicas`.
+    pub min_insync: u16,
+    /// Records below this offset are acknowledged for `acks=all` in `epoch`.
+    pub acked_upto: u64,
+}
+
+/// A consistent look at a log for replication: its ends and its epoch lineage.
+#[derive(Clone, Debug)]
+pub struct LogSnapshot {
+    /// Ends.
+    pub ends: LogEnds,
+    /// `(epoch, start offset)` per leader epoch.
+    pub epochs: Vec<(u32, u64)>,
+}
+
+impl quiver_cluster::replication::LogView for LogSnapshot {
+    fn end(&self) -> u64 {
+        self.ends.end
+    }
+    fn durable_end(&self) -> u64 {
+        self.ends.durable
+    }
+    fn last_epoch(&self) -> Option<u32> {
+        self.epochs.last().map(|(e, _)| *e)
+    }
+    fn end_of_epoch(&self, epoch: u32) -> Option<(u32, u64)> {
+        crate::epochs::end_of_epoch(&self.epochs, epoch, self.ends.end)
+    }
 }
 
 /// Offsets and size of a partition's log.
@@ -103,6 +178,11 @@ pub enum Role {
 #[derive(Debug)]
 pub struct Partition {
     role: watch::Sender<Role>,
+    /// Replicated (cluster mode): the high watermark is replication's, not the appender's.
+    replicated: bool,
+    replication: watch::Sender<Replication>,
+    epochs: Arc<std::sync::Mutex<EpochCache>>,
+    ends: watch::Sender<LogEnds>,
     topic: TopicName,
     id: PartitionId,
     dir: PathBuf,
@@ -133,10 +213,29 @@ impl Partition {
         .map_err(|e| PartitionError::new(ErrorCode::StorageError, e.to_string()))??;
         tracing::info!(%topic, partition = id.0, ?report, "partition opened");
         let end = log.log_end_offset();
-        let (hw_tx, _) = watch::channel(end);
+        let epochs = EpochCache::load(&dir, &log).map_err(|e| {
+            PartitionError::new(ErrorCode::StorageError, format!("leader epochs: {e}"))
+        })?;
+        let replicated = config.hosted.is_some();
+        // A replica learns its high watermark from replication (what it holds past it may
+        // not be committed); a node alone serves what it recovered.
+        let (hw_tx, _) = watch::channel(if replicated { 0 } else { end });
+        let ends = LogEnds {
+            end,
+            durable: log.durable_end_offset(),
+        };
         let (tx, rx) = mpsc::channel(APPEND_QUEUE_JOBS_MAX);
         let partition = Arc::new(Self {
-            role: watch::channel(Role::Leader { epoch: 0 }).0,
+            role: watch::channel(if replicated {
+                Role::Offline { epoch: 0 }
+            } else {
+                Role::Leader { epoch: 0 }
+            })
+            .0,
+            replicated,
+            replication: watch::channel(Replication::default()).0,
+            epochs: Arc::new(std::sync::Mutex::new(epochs)),
+            ends: watch::channel(ends).0,
             topic,
             id,
             dir,
@@ -149,7 +248,9 @@ impl Partition {
         });
         let task = tokio::spawn(appender(
             partition.log.clone(),
-            partition.high_watermark.clone(),
+            partition.epochs.clone(),
+            (!replicated).then(|| partition.high_watermark.clone()),
+            partition.ends.clone(),
             rx,
             config.flush_policy,
             config.flush_interval_ms,
@@ -211,9 +312,39 @@ impl Partition {
         impl std::future::Future<Output = Result<u64, PartitionError>> + use<>,
         PartitionError,
     > {
+        let epoch = match self.role() {
+            Role::Leader { epoch } => epoch,
+            _ => {
+                return Err(self.check_leader().err().unwrap_or_else(|| {
+                    PartitionError::new(ErrorCode::NotLeader, "not the leader")
+                }));
+            }
+        };
+        self.enqueue_kind(batches, AppendKind::Produce { epoch })
+            .await
+    }
+
+    /// Appends a follower's copy of the leader's batches (each must start at the log end;
+    /// offsets and epochs are kept). Resolves once durable as the flush policy promises.
+    pub async fn append_replica(&self, batches: Vec<Bytes>) -> Result<u64, PartitionError> {
+        self.enqueue_kind(batches, AppendKind::Replica).await?.await
+    }
+
+    async fn enqueue_kind(
+        &self,
+        batches: Vec<Bytes>,
+        kind: AppendKind,
+    ) -> Result<
+        impl std::future::Future<Output = Result<u64, PartitionError>> + use<>,
+        PartitionError,
+    > {
         let (reply, rx) = oneshot::channel();
         self.appends
-            .send(AppendJob { batches, reply })
+            .send(AppendJob {
+                batches,
+                kind,
+                reply,
+            })
             .await
             .map_err(|_| closed_error(&self.deleting, &self.topic, self.id, false))?;
         let (deleting, topic, id) = (self.deleting.clone(), self.topic.clone(), self.id);
@@ -228,6 +359,121 @@ impl Partition {
     /// Appends validated batches: [`enqueue`](Self::enqueue), then wait for the outcome.
     pub async fn append(&self, batches: Vec<Bytes>) -> Result<u64, PartitionError> {
         self.enqueue(batches).await?.await
+    }
+
+    /// Whether replication sets the high watermark (cluster mode).
+    pub fn is_replicated(&self) -> bool {
+        self.replicated
+    }
+
+    /// Replication's high watermark (cluster mode); wakes waiting fetches when it moves.
+    pub fn set_high_watermark(&self, hw: u64) {
+        self.high_watermark.send_if_modified(|cur| {
+            let moved = *cur != hw;
+            *cur = hw;
+            moved
+        });
+    }
+
+    /// Replication's state, for produce (cluster mode).
+    pub fn replication(&self) -> Replication {
+        *self.replication.borrow()
+    }
+
+    /// Publishes replication's state (the replica manager, after every change).
+    pub fn publish_replication(&self, r: Replication) {
+        self.replication.send_if_modified(|cur| {
+            let changed = *cur != r;
+            *cur = r;
+            changed
+        });
+    }
+
+    /// Waits until the record at `last` appended in `epoch` is acknowledged for `acks=all`:
+    /// durable on at least `min.insync.replicas` in-sync replicas. Fails with `not_leader`
+    /// when leadership moves first (the record may still be committed by the new leader).
+    pub async fn wait_acknowledged(&self, epoch: u32, last: u64) -> Result<(), PartitionError> {
+        if !self.replicated {
+            return Ok(());
+        }
+        let mut rx = self.replication.subscribe();
+        let r = rx
+            .wait_for(|r| {
+                r.epoch != epoch
+                    || r.acked_upto > last
+                    || !matches!(self.role(), Role::Leader { epoch: e } if e == epoch)
+            })
+            .await
+            .map(|r| *r)
+            .map_err(|_| PartitionError::new(ErrorCode::ShuttingDown, "partition closed"))?;
+        if r.epoch == epoch && r.acked_upto > last {
+            return Ok(());
+        }
+        Err(PartitionError::new(
+            ErrorCode::NotLeader,
+            format!(
+                "leadership of {}/{} moved before offset {last} was acknowledged by the in-sync replicas; it may or may not be kept",
+                self.topic, self.id.0
+            ),
+        ))
+    }
+
+    /// The log's ends now.
+    pub fn ends(&self) -> LogEnds {
+        *self.ends.borrow()
+    }
+
+    /// A receiver woken whenever the log grows or is fsynced.
+    pub fn watch_ends(&self) -> watch::Receiver<LogEnds> {
+        self.ends.subscribe()
+    }
+
+    /// The log's ends and epoch lineage, taken together.
+    pub fn snapshot(&self) -> LogSnapshot {
+        let log = self.log.read().unwrap_or_else(|p| p.into_inner());
+        let epochs = self.epochs.lock().unwrap_or_else(|p| p.into_inner());
+        LogSnapshot {
+            ends: LogEnds {
+                end: log.log_end_offset(),
+                durable: log.durable_end_offset(),
+            },
+            epochs: epochs.entries().to_vec(),
+        }
+    }
+
+    /// Whole batches from `offset` up to the log end (not the high watermark): what a leader
+    /// sends its followers. Blocking: call from a blocking thread.
+    pub fn read_for_replica_blocking(
+        &self,
+        offset: u64,
+        max_bytes: usize,
+    ) -> Result<Bytes, PartitionError> {
+        Ok(self.read_log(|log| log.read(offset, max_bytes, u64::MAX))??)
+    }
+
+    /// Truncates the log to `to` (by whole batches) and its epoch lineage with it; returns the
+    /// new log end. Replication only: a follower whose log diverged from its leader's.
+    pub async fn truncate(&self, to: u64) -> Result<u64, PartitionError> {
+        let (log, epochs, ends) = (self.log.clone(), self.epochs.clone(), self.ends.clone());
+        let end = tokio::task::spawn_blocking(move || -> Result<u64, PartitionError> {
+            let mut log = log.write().map_err(|_| lock_poisoned())?;
+            let end = log.truncate(to, now_ms())?;
+            epochs
+                .lock()
+                .map_err(|_| lock_poisoned())?
+                .truncate(end)
+                .map_err(|e| PartitionError::new(ErrorCode::StorageError, e.to_string()))?;
+            ends.send_replace(LogEnds {
+                end,
+                durable: log.durable_end_offset(),
+            });
+            Ok(end)
+        })
+        .await
+        .map_err(|e| PartitionError::new(ErrorCode::StorageError, e.to_string()))??;
+        let hw = self.high_watermark().min(end);
+        self.set_high_watermark(hw);
+        Ok(end)
     }
 
     /// The high watermark now.
@@ -353,7 +599,9 @@ async fn blocking_io(
 /// next group, so produces arriving meanwhile form the next group (group commit).
 async fn appender(
     log: Arc<RwLock<PartitionLog>>,
-    high_watermark: watch::Sender<u64>,
+    epochs: Arc<std::sync::Mutex<EpochCache>>,
+    high_watermark: Option<watch::Sender<u64>>,
+    ends: watch::Sender<LogEnds>,
     mut rx: mpsc::Receiver<AppendJob>,
     policy: FlushPolicy,
     flush_interval_ms: u64,
@@ -378,11 +626,14 @@ async fn appender(
             },
             _ = tick.tick(), if !sync_each && dirty && background.as_ref().is_none_or(|b| b.is_finished()) => {
                 dirty = false;
-                let (log, fenced) = (log.clone(), fenced.clone());
+                let (log, fenced, ends) = (log.clone(), fenced.clone(), ends.clone());
                 background = Some(tokio::task::spawn_blocking(move || {
-                    if let Err(e) = flush_unlocked(&log) {
-                        tracing::error!(error = %e, "interval flush failed; partition fenced until restart");
-                        fenced.store(true, std::sync::atomic::Ordering::SeqCst);
+                    match flush_unlocked(&log) {
+                        Ok(durable) => publish_durable(&ends, durable),
+                        Err(e) => {
+                            tracing::error!(error = %e, "interval flush failed; partition fenced until restart");
+                            fenced.store(true, std::sync::atomic::Ordering::SeqCst);
+                        }
                     }
                 }));
                 continue;
@@ -418,9 +669,11 @@ async fn appender(
             }
             continue;
         }
-        let group_log = log.clone();
-        let outcome =
-            tokio::task::spawn_blocking(move || append_group(&group_log, jobs, sync_each)).await;
+        let (group_log, group_epochs) = (log.clone(), epochs.clone());
+        let outcome = tokio::task::spawn_blocking(move || {
+            append_group(&group_log, &group_epochs, jobs, sync_each)
+        })
+        .await;
         let (jobs, results, new_hw) = match outcome {
             Ok(o) => o,
             Err(e) => {
@@ -430,8 +683,18 @@ async fn appender(
                 continue;
             }
         };
+        if let Ok(l) = log.read() {
+            ends.send_replace(LogEnds {
+                end: l.log_end_offset(),
+                durable: l.durable_end_offset(),
+            });
+        }
         match new_hw {
-            Some(hw) => advance(&high_watermark, hw),
+            Some(hw) => {
+                if let Some(h) = &high_watermark {
+                    advance(h, hw);
+                }
+            }
             None if sync_each => {
                 tracing::error!("fsync failed; partition fenced until restart");
                 fenced.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -460,7 +723,12 @@ async fn appender(
     }
     let final_log = log.clone();
     match tokio::task::spawn_blocking(move || flush_unlocked(&final_log)).await {
-        Ok(Ok(end)) => advance(&high_watermark, end),
+        Ok(Ok(end)) => {
+            publish_durable(&ends, end);
+            if let Some(h) = &high_watermark {
+                advance(h, end);
+            }
+        }
         Ok(Err(e)) => tracing::error!(error = %e, "final flush failed"),
         Err(e) => tracing::error!(error = %e, "final flush failed"),
     }
@@ -501,6 +769,17 @@ fn advance(high_watermark: &watch::Sender<u64>, hw: u64) {
     });
 }
 
+fn publish_durable(ends: &watch::Sender<LogEnds>, durable: u64) {
+    ends.send_if_modified(|e| {
+        let moved = durable > e.durable;
+        if moved {
+            e.durable = durable;
+            e.end = e.end.max(durable);
+        }
+        moved
+    });
+}
+
 fn lock_poisoned() -> PartitionError {
     PartitionError::new(ErrorCode::StorageError, "log lock poisoned")
 }
@@ -527,7 +806,12 @@ type GroupOutcome = (
     Option<u64>,
 );
 
-fn append_group(log: &RwLock<PartitionLog>, jobs: Vec<AppendJob>, sync_each: bool) -> GroupOutcome {
+fn append_group(
+    log: &RwLock<PartitionLog>,
+    epochs: &std::sync::Mutex<EpochCache>,
+    jobs: Vec<AppendJob>,
+    sync_each: bool,
+) -> GroupOutcome {
     let mut results = Vec::with_capacity(jobs.len());
     let log_end = {
         let Ok(mut log) = log.write() else {
@@ -536,13 +820,43 @@ fn append_group(log: &RwLock<PartitionLog>, jobs: Vec<AppendJob>, sync_each: boo
             return (jobs, results, None);
         };
         let now = now_ms();
+        let mut epochs = epochs.lock().unwrap_or_else(|p| p.into_inner());
         for job in &jobs {
             let mut base = None;
             let mut failed = None;
             for batch in &job.batches {
-                match log.append_shared(batch, 0, now) {
+                let epoch = match job.kind {
+                    AppendKind::Produce { epoch } => epoch,
+                    AppendKind::Replica => match quiver_proto::BatchHeader::parse(batch) {
+                        Ok(h) if h.base_offset == log.log_end_offset() => h.leader_epoch,
+                        Ok(h) => {
+                            failed = Some(PartitionError::new(
+                                ErrorCode::InvalidBatch,
+                                format!(
+                                    "replicated batch at offset {} but the log ends at {}",
+                                    h.base_offset,
+                                    log.log_end_offset()
+                                ),
+                            ));
+                            break;
+                        }
+                        Err(e) => {
+                            failed =
+                                Some(PartitionError::new(ErrorCode::CorruptBatch, e.to_string()));
+                            break;
+                        }
+                    },
+                };
+                match log.append_shared(batch, epoch, now) {
                     Ok(info) => {
                         base.get_or_insert(info.base_offset);
+                        if let Err(e) = epochs.on_append(epoch, info.base_offset) {
+                            failed = Some(PartitionError::new(
+                                ErrorCode::StorageError,
+                                format!("leader epochs: {e}"),
+                            ));
+                            break;
+                        }
                     }
                     Err(e) => {
                         failed = Some(PartitionError::from(e));

@@ -15,9 +15,9 @@ use quiver_proto::{ErrorCode, TopicName};
 use super::Cluster;
 use super::state::{Command, Outcome};
 use crate::broker::Broker;
-use crate::partition::Role;
 use crate::pipelines::Pipelines;
 use crate::topic_config::TopicConfig;
+use quiver_cluster::replication::LeaderAndIsr;
 
 fn outcome_status(r: Result<Outcome, super::WriteError>) -> Status {
     match r {
@@ -150,30 +150,28 @@ pub async fn reconcile(cluster: Arc<Cluster>, broker: Arc<Broker>) {
     let mut changes = cluster.changes();
     loop {
         // What the metadata says, copied out of the lock.
-        let (applied, wanted): (u64, Vec<(String, TopicConfig, Vec<(u32, Role)>)>) = cluster.read(|a| {
+        type Wanted = (String, TopicConfig, Vec<(u32, LeaderAndIsr, String)>);
+        let (applied, wanted): (u64, Vec<Wanted>) = cluster.read(|a| {
             let applied = a.last_applied.map_or(0, |l| l.index);
-            let wanted = a.metadata
+            let wanted = a
+                .metadata
                 .control
                 .topics()
                 .filter_map(|(name, parts)| {
-                    let roles: Vec<(u32, Role)> = parts
+                    let placed: Vec<(u32, LeaderAndIsr, String)> = parts
                         .iter()
                         .enumerate()
                         .filter(|(_, p)| p.replicas().contains(&me))
                         .map(|(i, p)| {
-                            let s = p.state();
-                            let role = match s.leader {
-                                Some(l) if l == me => Role::Leader { epoch: s.epoch },
-                                Some(l) => Role::Follower {
-                                    leader: l,
-                                    epoch: s.epoch,
-                                },
-                                None => Role::Offline { epoch: s.epoch },
-                            };
-                            (i as u32, role)
+                            let s = p.state().clone();
+                            let addr = s
+                                .leader
+                                .and_then(|l| a.metadata.peer_addrs.get(&l).cloned())
+                                .unwrap_or_default();
+                            (i as u32, s, addr)
                         })
                         .collect();
-                    if roles.is_empty() {
+                    if placed.is_empty() {
                         return None;
                     }
                     let mut config = TopicConfig::defaults(parts.len() as u32);
@@ -186,9 +184,9 @@ pub async fn reconcile(cluster: Arc<Cluster>, broker: Arc<Broker>) {
                     if let Err(e) = config.apply(&pairs) {
                         tracing::warn!(topic = name, error = %e, "settings from the controller refused; using defaults");
                     }
-                    config.hosted = Some(roles.iter().map(|(i, _)| *i).collect());
+                    config.hosted = Some(placed.iter().map(|(i, _, _)| *i).collect());
                     config.topic_id = a.metadata.topic_ids.get(name).copied();
-                    Some((name.to_string(), config, roles))
+                    Some((name.to_string(), config, placed))
                 })
                 .collect();
             (applied, wanted)
@@ -218,7 +216,13 @@ pub async fn reconcile(cluster: Arc<Cluster>, broker: Arc<Broker>) {
                 }
             }
         }
-        for (name, config, roles) in &wanted {
+        let replicas = cluster.replicas();
+        replicas.retain(|t, p| {
+            wanted
+                .iter()
+                .any(|(n, _, placed)| n == t && placed.iter().any(|(i, _, _)| *i == p))
+        });
+        for (name, config, placed) in &wanted {
             let Ok(topic) = TopicName::new(name) else {
                 continue;
             };
@@ -226,11 +230,15 @@ pub async fn reconcile(cluster: Arc<Cluster>, broker: Arc<Broker>) {
                 tracing::warn!(topic = %name, error = %e, "cannot host placed partitions");
                 continue;
             }
-            for (p, role) in roles {
-                if let Ok(part) = broker.partition(name, *p)
-                    && part.set_role(*role)
-                {
-                    tracing::info!(topic = %name, partition = p, ?role, "partition role");
+            for (p, state, leader_addr) in placed {
+                if let Ok(part) = broker.partition(name, *p) {
+                    replicas.update(
+                        &cluster,
+                        &part,
+                        state.clone(),
+                        leader_addr.clone(),
+                        usize::from(config.min_insync_replicas),
+                    );
                 }
             }
         }

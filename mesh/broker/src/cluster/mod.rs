@@ -16,6 +16,7 @@ pub mod admin;
 pub mod network;
 pub mod peer;
 pub mod raft;
+pub mod replicas;
 pub mod state;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -93,6 +94,8 @@ pub struct Cluster {
     changes: watch::Receiver<u64>,
     peers: Arc<PeerClient>,
     server: Arc<Server>,
+    /// Replicated partitions hosted here.
+    replicas: replicas::Replicas,
     /// This incarnation's broker epoch, once registered.
     epoch: watch::Sender<Option<u64>>,
     /// As active controller: last heartbeat per broker (its epoch, when).
@@ -175,6 +178,7 @@ impl Cluster {
             changes,
             peers,
             server: server.clone(),
+            replicas: replicas::Replicas::default(),
             epoch: watch::channel(None).0,
             leases: Default::default(),
             lead_term: Default::default(),
@@ -623,8 +627,14 @@ impl Cluster {
         }
     }
 
+    /// The replicated partitions hosted here.
+    pub fn replicas(&self) -> &replicas::Replicas {
+        &self.replicas
+    }
+
     /// Stops the Raft group, the peer endpoint and this node's tasks.
     pub async fn stop(&self) {
+        self.replicas.stop();
         for t in self
             .tasks
             .lock()
@@ -751,6 +761,7 @@ impl PeerHandler for Cluster {
                         Err(Some(e)) => PeerAnswer::err(e.code, &e.message),
                     }
                 }
+                PeerApi::ReplicaFetch => self.replicas.on_fetch(&self, body).await,
                 PeerApi::BrokerHeartbeat => {
                     let hb = BrokerHeartbeat::decode(&mut Reader::new(body))
                         .map_err(|e| PeerAnswer::err(ErrorCode::InvalidRequest, &e.to_string()))?;
