@@ -81,6 +81,8 @@ pub struct Broker {
     admin: tokio::sync::Mutex<()>,
     /// Produce-side chains by (topic, partition), started at the first produce.
     policies: DashMap<(TopicName, u32), PolicySlot>,
+    /// Cluster mode: the metadata's topics and their partition counts.
+    cluster_topics: DashMap<String, u32>,
 }
 
 impl Broker {
@@ -122,6 +124,7 @@ impl Broker {
             topic_defaults,
             admin: tokio::sync::Mutex::new(()),
             policies: DashMap::new(),
+            cluster_topics: DashMap::new(),
         };
         let known = broker.catalog.topics()?;
         for (name, config) in &known {
@@ -214,9 +217,38 @@ impl Broker {
         topic: &str,
         partition: u32,
     ) -> Result<Arc<Partition>, PartitionError> {
-        let p = self.partition(topic, partition)?;
+        let p = match self.partition(topic, partition) {
+            Ok(p) => p,
+            // In a cluster: a partition of the metadata this node holds no replica of (or not
+            // yet): another node leads it.
+            Err(e)
+                if self
+                    .cluster_topics
+                    .get(topic)
+                    .is_some_and(|n| partition < *n) =>
+            {
+                return Err(PartitionError {
+                    code: ErrorCode::NotLeader,
+                    message: format!(
+                        "node {} holds no replica of {topic}/{partition}; refresh metadata ({e})",
+                        self.node_id
+                    ),
+                });
+            }
+            Err(e) => return Err(e),
+        };
         p.check_leader()?;
         Ok(p)
+    }
+
+    /// The topics of the cluster metadata and their partition counts (cluster mode; set by
+    /// the reconciler), so requests for partitions hosted elsewhere get `not_leader`.
+    pub fn set_cluster_topics(&self, topics: impl IntoIterator<Item = (String, u32)>) {
+        let topics: std::collections::HashMap<String, u32> = topics.into_iter().collect();
+        self.cluster_topics.retain(|k, _| topics.contains_key(k));
+        for (k, v) in topics {
+            self.cluster_topics.insert(k, v);
+        }
     }
 
     /// All topics, sorted by name.

@@ -249,8 +249,10 @@ impl Partition {
         let task = tokio::spawn(appender(
             partition.log.clone(),
             partition.epochs.clone(),
-            (!replicated).then(|| partition.high_watermark.clone()),
-            partition.ends.clone(),
+            Published {
+                high_watermark: (!replicated).then(|| partition.high_watermark.clone()),
+                ends: partition.ends.clone(),
+            },
             rx,
             config.flush_policy,
             config.flush_interval_ms,
@@ -409,8 +411,10 @@ impl Partition {
         if r.epoch == epoch && r.acked_upto > last {
             return Ok(());
         }
+        // Appended here but not acknowledged: the new leader may or may not keep it, so the
+        // outcome is unknown to the producer (as with a timeout), not a refusal.
         Err(PartitionError::new(
-            ErrorCode::NotLeader,
+            ErrorCode::RequestTimedOut,
             format!(
                 "leadership of {}/{} moved before offset {last} was acknowledged by the in-sync replicas; it may or may not be kept",
                 self.topic, self.id.0
@@ -597,16 +601,27 @@ async fn blocking_io(
 /// fsyncs never hold the log's lock: appends (interval policy) and reads go on while the disk
 /// works. Under the batch policy the appender waits for its group's fsync before taking the
 /// next group, so produces arriving meanwhile form the next group (group commit).
+/// What the appender tells the rest of the partition.
+struct Published {
+    /// The high watermark, when the appender sets it (a node alone).
+    high_watermark: Option<watch::Sender<u64>>,
+    /// The log's ends, always.
+    ends: watch::Sender<LogEnds>,
+}
+
 async fn appender(
     log: Arc<RwLock<PartitionLog>>,
     epochs: Arc<std::sync::Mutex<EpochCache>>,
-    high_watermark: Option<watch::Sender<u64>>,
-    ends: watch::Sender<LogEnds>,
+    published: Published,
     mut rx: mpsc::Receiver<AppendJob>,
     policy: FlushPolicy,
     flush_interval_ms: u64,
     closing: CancellationToken,
 ) {
+    let Published {
+        high_watermark,
+        ends,
+    } = published;
     let sync_each = policy == FlushPolicy::Batch;
     let mut tick = tokio::time::interval(Duration::from_millis(flush_interval_ms.max(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

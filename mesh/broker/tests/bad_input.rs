@@ -36,12 +36,12 @@ use quiver_client::{
 use quiver_proto::batch::CRC_START;
 use quiver_proto::codec::Reader;
 use quiver_proto::messages::{
-    Acks, AlterTopicRequest, ApiVersionsRequest, ApiVersionsResponse, CreateTopicsRequest,
-    DeleteTopicsRequest, DescribeTopicsRequest, FetchPartition, FetchRequest, FetchResponse,
-    FetchTopic, LATEST_TIMESTAMP, ListOffsetsRequest, ListTopicsRequest, Message, MetadataRequest,
-    PipelineControlRequest, PipelineCreateRequest, PipelineDeleteRequest, PipelineListRequest,
-    PluginDeployRequest, PluginListRequest, PluginRemoveRequest, ProducePartition, ProduceRequest,
-    ProduceResponse, ProduceTopic, Status, TransportProbeRequest,
+    Acks, AlterTopicRequest, ApiVersionsRequest, ApiVersionsResponse, ClusterStatusRequest,
+    CreateTopicsRequest, DeleteTopicsRequest, DescribeTopicsRequest, FetchPartition, FetchRequest,
+    FetchResponse, FetchTopic, LATEST_TIMESTAMP, ListOffsetsRequest, ListTopicsRequest, Message,
+    MetadataRequest, PipelineControlRequest, PipelineCreateRequest, PipelineDeleteRequest,
+    PipelineListRequest, PluginDeployRequest, PluginListRequest, PluginRemoveRequest,
+    ProducePartition, ProduceRequest, ProduceResponse, ProduceTopic, Status, TransportProbeRequest,
 };
 use quiver_proto::{ApiKey, BatchBuilder, Compression, ErrorCode, RequestHeader, ResponseHeader};
 use quiver_transport::{

@@ -115,10 +115,23 @@ impl From<TransportError> for ClientError {
 
 struct Inner {
     config: ClientConfig,
-    endpoint: quiver_transport::Client,
+    endpoint: Arc<quiver_transport::Client>,
     /// The connection and the next produce sequence on it (sequences restart per connection).
     conn: Mutex<Option<(Connection, Arc<AtomicU64>)>>,
     next_id: AtomicU64,
+    /// A client for one node that the root client routes to (it routes nothing itself).
+    direct: bool,
+    /// Partition leaders and broker addresses from metadata (root client only).
+    routes: std::sync::Mutex<Routes>,
+    /// Clients for the other nodes, by address (root client only).
+    nodes: Mutex<std::collections::HashMap<String, Client>>,
+}
+
+/// The metadata cache: which node leads which partition, and where nodes are.
+#[derive(Default)]
+struct Routes {
+    brokers: std::collections::HashMap<u32, String>,
+    leaders: std::collections::HashMap<(String, u32), (u32, u32)>,
 }
 
 /// A cloneable handle to one QUIC connection (re-established on demand after a loss).
@@ -141,17 +154,20 @@ impl Client {
         let trust = ClientTrust::from_ca_file(&config.ca_file).map_err(|e| {
             ClientError::Config(format!("ca file {}: {e}", config.ca_file.display()))
         })?;
-        let endpoint = quiver_transport::Client::new(
+        let endpoint = Arc::new(quiver_transport::Client::new(
             &trust,
             quiver_transport::ALPN_CLIENT,
             &config.transport,
-        )?;
+        )?);
         let client = Self {
             inner: Arc::new(Inner {
                 config,
                 endpoint,
                 conn: Mutex::new(None),
                 next_id: AtomicU64::new(1),
+                direct: false,
+                routes: Default::default(),
+                nodes: Default::default(),
             }),
         };
         client.connection().await?;
@@ -169,6 +185,131 @@ impl Client {
     /// The configuration in use.
     pub fn config(&self) -> &ClientConfig {
         &self.inner.config
+    }
+
+    /// Whether this is a client for one node that a root client routes to.
+    pub fn is_routed(&self) -> bool {
+        self.inner.direct
+    }
+
+    /// A client for the node at `addr`, sharing this client's endpoint (cached).
+    async fn node(&self, addr: &str) -> Client {
+        if self.inner.direct || addr == self.inner.config.server {
+            return self.clone();
+        }
+        let mut nodes = self.inner.nodes.lock().await;
+        if let Some(c) = nodes.get(addr) {
+            return c.clone();
+        }
+        let mut config = self.inner.config.clone();
+        config.server = addr.to_string();
+        let c = Client {
+            inner: Arc::new(Inner {
+                config,
+                endpoint: self.inner.endpoint.clone(),
+                conn: Mutex::new(None),
+                next_id: AtomicU64::new(1),
+                direct: true,
+                routes: Default::default(),
+                nodes: Default::default(),
+            }),
+        };
+        nodes.insert(addr.to_string(), c.clone());
+        c
+    }
+
+    /// Refreshes the leaders of `topic` from metadata: asked of the node this client was
+    /// given first, then of the other nodes it knows, so a dead bootstrap node is no obstacle.
+    pub async fn refresh_routes(&self, topic: &str) -> Result<(), ClientError> {
+        let req = MetadataRequest {
+            topics: Some(vec![topic.to_string()]),
+        };
+        let others: Vec<String> = {
+            let r = self.inner.routes.lock().unwrap_or_else(|p| p.into_inner());
+            r.brokers.values().cloned().collect()
+        };
+        let mut last = None;
+        let mut answer: Option<MetadataResponse> = None;
+        match self.request_once::<_, MetadataResponse>(&req, 0).await {
+            Ok(m) => answer = Some(m),
+            Err(e) => last = Some(e),
+        }
+        if answer.is_none() {
+            for addr in others {
+                let c = self.node(&addr).await;
+                match c.request_once::<_, MetadataResponse>(&req, 0).await {
+                    Ok(m) => {
+                        answer = Some(m);
+                        break;
+                    }
+                    Err(e) => last = Some(e),
+                }
+            }
+        }
+        let m = match answer {
+            Some(m) => m,
+            None => return Err(last.unwrap_or(ClientError::Closed)),
+        };
+        let mut r = self.inner.routes.lock().unwrap_or_else(|p| p.into_inner());
+        for b in &m.brokers {
+            r.brokers.insert(b.node_id, b.addr.clone());
+        }
+        for t in &m.topics {
+            if t.status.is_ok() {
+                for p in &t.partitions {
+                    r.leaders
+                        .insert((t.name.clone(), p.partition), (p.leader, p.leader_epoch));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets the cached leaders of `topic` (after `not_leader` or a lost connection), so
+    /// the next request looks them up again.
+    pub fn invalidate_routes(&self, topic: &str) {
+        if let Ok(mut r) = self.inner.routes.lock() {
+            r.leaders.retain(|(t, _), _| t != topic);
+        }
+    }
+
+    /// The client for the node that leads `topic`/`partition` (this one when it runs alone
+    /// or is the leader). `not_leader` when the partition has no leader now.
+    pub async fn leader_for(&self, topic: &str, partition: u32) -> Result<Client, ClientError> {
+        if self.inner.direct {
+            return Ok(self.clone());
+        }
+        let key = (topic.to_string(), partition);
+        let cached = self.lookup_route(&key);
+        let (leader, addr, brokers) = match cached {
+            Some(found) => found,
+            None => {
+                self.refresh_routes(topic).await?;
+                self.lookup_route(&key).ok_or_else(|| ClientError::Server {
+                    code: ErrorCode::UnknownTopicOrPartition,
+                    message: format!("no metadata for {topic}/{partition}"),
+                })?
+            }
+        };
+        if leader == 0 {
+            self.invalidate_routes(topic);
+            return Err(ClientError::Server {
+                code: ErrorCode::NotLeader,
+                message: format!("{topic}/{partition} has no leader now"),
+            });
+        }
+        match addr {
+            // A node alone (or one whose advertised address is the one dialled).
+            _ if brokers <= 1 => Ok(self.clone()),
+            Some(addr) => Ok(self.node(&addr).await),
+            None => Ok(self.clone()),
+        }
+    }
+
+    fn lookup_route(&self, key: &(String, u32)) -> Option<(u32, Option<String>, usize)> {
+        let r = self.inner.routes.lock().unwrap_or_else(|p| p.into_inner());
+        let (leader, _) = *r.leaders.get(key)?;
+        Some((leader, r.brokers.get(&leader).cloned(), r.brokers.len()))
     }
 
     async fn slot(&self) -> Result<(Connection, Arc<AtomicU64>), ClientError> {
@@ -538,8 +679,34 @@ impl Client {
         partition: u32,
         timestamp: i64,
     ) -> Result<Option<u64>, ClientError> {
+        let cfg = &self.inner.config;
+        let mut backoff = cfg.retry_backoff_ms;
+        let mut attempt = 0;
+        loop {
+            let r = match self.leader_for(topic, partition).await {
+                Ok(leader) => leader.list_offset_here(topic, partition, timestamp).await,
+                Err(e) => Err(e),
+            };
+            match r {
+                Err(e) if e.is_retriable() && attempt < cfg.retries_max => {
+                    self.invalidate_routes(topic);
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(backoff)).await;
+                    backoff = (backoff * 2).min(cfg.retry_backoff_ms_max);
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn list_offset_here(
+        &self,
+        topic: &str,
+        partition: u32,
+        timestamp: i64,
+    ) -> Result<Option<u64>, ClientError> {
         let r: ListOffsetsResponse = self
-            .request(
+            .request_once(
                 &ListOffsetsRequest {
                     topics: vec![ListOffsetsTopic {
                         name: topic.to_string(),

@@ -193,28 +193,76 @@ impl Consumer {
     /// One fetch: waits up to `fetch_wait_ms_max` for data and returns the records read (possibly
     /// none), advancing positions past them.
     pub async fn poll(&mut self) -> Result<Vec<ConsumerRecord>, ClientError> {
-        let req = FetchRequest {
-            max_wait_ms: self.config.fetch_wait_ms_max,
-            min_bytes: self.config.fetch_bytes_min,
-            max_bytes: self.config.fetch_bytes_max,
-            topics: vec![FetchTopic {
-                name: self.topic.to_string(),
-                partitions: self
-                    .positions
-                    .iter()
-                    .map(|(p, o)| FetchPartition {
-                        partition: *p,
-                        offset: *o,
-                        partition_max_bytes: self.config.partition_bytes_max,
-                    })
-                    .collect(),
-            }],
-            chain: self.config.chain.clone(),
-        };
-        let resp: FetchResponse = self
-            .client
-            .request(&req, u64::from(self.config.fetch_wait_ms_max))
-            .await?;
+        // One fetch per partition leader, all at once (a node alone leads them all).
+        let mut groups: Vec<(Client, Vec<FetchPartition>)> = Vec::new();
+        for (p, o) in &self.positions {
+            let node = match self.client.leader_for(&self.topic, *p).await {
+                Ok(c) => c,
+                Err(e) if e.is_retriable() => {
+                    // No leader now: skip the partition this round.
+                    tracing::debug!(partition = p, error = %e, "no leader to fetch from");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let part = FetchPartition {
+                partition: *p,
+                offset: *o,
+                partition_max_bytes: self.config.partition_bytes_max,
+            };
+            match groups
+                .iter_mut()
+                .find(|(c, _)| c.config().server == node.config().server)
+            {
+                Some((_, g)) => g.push(part),
+                None => groups.push((node, vec![part])),
+            }
+        }
+        if groups.is_empty() {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            return Ok(Vec::new());
+        }
+        let fetches = groups.into_iter().map(|(node, partitions)| {
+            let req = FetchRequest {
+                max_wait_ms: self.config.fetch_wait_ms_max,
+                min_bytes: self.config.fetch_bytes_min,
+                max_bytes: self.config.fetch_bytes_max,
+                topics: vec![FetchTopic {
+                    name: self.topic.to_string(),
+                    partitions,
+                }],
+                chain: self.config.chain.clone(),
+            };
+            let wait = u64::from(self.config.fetch_wait_ms_max);
+            async move {
+                // A routed node is asked once (a dead leader must not hold the poll up through
+                // retries; the next poll looks the leader up again); the node first given is
+                // retried as before.
+                if node.is_routed() {
+                    node.request_once::<_, FetchResponse>(&req, wait).await
+                } else {
+                    node.request::<_, FetchResponse>(&req, wait).await
+                }
+            }
+        });
+        let answers = futures::future::join_all(fetches).await;
+        let mut topics = Vec::new();
+        let mut failed = None;
+        for a in answers {
+            match a {
+                Ok(r) => topics.extend(r.topics),
+                Err(e) => {
+                    self.client.invalidate_routes(&self.topic);
+                    failed.get_or_insert(e);
+                }
+            }
+        }
+        if topics.is_empty()
+            && let Some(e) = failed
+        {
+            return Err(e);
+        }
+        let resp = FetchResponse { topics };
         // Decode every partition first and move positions only when all succeeded: an error
         // must not leave a position past records that were never handed out.
         let mut out = Vec::new();
@@ -224,6 +272,11 @@ impl Consumer {
             for p in t.partitions {
                 if p.status.code == ErrorCode::OffsetOutOfRange {
                     resets.push(p.partition);
+                    continue;
+                }
+                if p.status.code == ErrorCode::NotLeader {
+                    // Leadership moved: look it up again and fetch from there next poll.
+                    self.client.invalidate_routes(&self.topic);
                     continue;
                 }
                 if !p.status.is_ok() {

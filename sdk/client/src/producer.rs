@@ -18,8 +18,14 @@
 //! `request_timed_out` for the append) fails with [`ProduceError::OutcomeUnknown`]: the records
 //! may or may not be stored. `retry_unknown_outcome = true` retries those too, which is
 //! at-least-once delivery: a record may then be stored twice. In both modes a retried batch is
-//! a new request, so it can land after batches sent later; the idempotent producer (roadmap)
-//! removes duplicates and reordering. Set `retries_max = 0` when order must survive failures.
+//! a new request, so with several requests in flight it can land after batches sent later;
+//! with `in_flight_max = 1` a partition's batches go one at a time and a retry goes before the
+//! next batch, so order survives retries (duplicates remain possible under
+//! `retry_unknown_outcome`). The idempotent producer (roadmap) removes duplicates.
+//!
+//! Routing: each batch goes to its partition's leader, looked up in the client's metadata
+//! cache; `not_leader`, unknown partitions and lost connections drop the cached leaders of the
+//! topic, so the retry asks again.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -54,7 +60,9 @@ pub struct ProducerConfig {
     pub batch_bytes: usize,
     /// Codec for batches.
     pub compression: Compression,
-    /// Produce requests on the wire at once.
+    /// Produce requests on the wire at once. With 1, a partition's next batch is not sent
+    /// while its previous one is in flight or waiting to be retried (Kafka's
+    /// `max.in.flight.requests.per.connection=1`), so retries keep the send order.
     pub in_flight_max: usize,
     /// Bytes of records buffered and not yet acknowledged before `send` waits.
     pub buffer_bytes_max: usize,
@@ -244,6 +252,8 @@ struct State {
     sticky: HashMap<Arc<str>, u32>,
     /// Ids of batches open, ready or in flight.
     unsettled: std::collections::BTreeSet<u64>,
+    /// With `in_flight_max = 1`: partitions with a batch in flight or waiting for a retry.
+    muted: std::collections::HashSet<(Arc<str>, u32)>,
     /// Id of the next batch to open.
     next_batch_id: u64,
     flush_requested: bool,
@@ -518,7 +528,18 @@ fn take_requests(inner: &Inner, st: &mut State) -> (Vec<Vec<ReadyBatch>>, Option
     let mut requests = Vec::new();
     let mut current: Vec<ReadyBatch> = Vec::new();
     let mut current_bytes = 0;
+    let ordered = inner.config.in_flight_max <= 1;
+    let mut held = VecDeque::new();
     while let Some(b) = st.ready.pop_front() {
+        let key = (b.topic.clone(), b.partition);
+        if ordered {
+            // One batch of a partition at a time: later ones wait behind it (and its retry).
+            if st.muted.contains(&key) {
+                held.push_back(b);
+                continue;
+            }
+            st.muted.insert(key);
+        }
         if !current.is_empty() && current_bytes + b.bytes.len() > inner.config.request_bytes_max {
             requests.push(std::mem::take(&mut current));
             current_bytes = 0;
@@ -529,6 +550,7 @@ fn take_requests(inner: &Inner, st: &mut State) -> (Vec<Vec<ReadyBatch>>, Option
     if !current.is_empty() {
         requests.push(current);
     }
+    st.ready = held;
     (requests, next)
 }
 
@@ -547,17 +569,35 @@ async fn sender(inner: Arc<Inner>) {
         }
         let idle = requests.is_empty();
         for batches in requests {
-            let Ok(permit) = inner.in_flight.clone().acquire_owned().await else {
-                return;
-            };
-            // Sequence numbers are taken here, in the sender's order, so the node appends the
-            // requests in this order even though they travel on separate streams.
-            let slot = inner.client.ordered_connection().await;
-            let inner2 = inner.clone();
-            tokio::spawn(async move {
-                send_request(&inner2, slot, batches).await;
-                drop(permit);
-            });
+            // Each batch goes to its partition's leader: one request per leader.
+            let mut groups: Vec<(Client, Vec<ReadyBatch>)> = Vec::new();
+            for b in batches {
+                let node = match inner.client.leader_for(&b.topic, b.partition).await {
+                    Ok(c) => c,
+                    // No route now: the node first given answers (not_leader, retried).
+                    Err(_) => inner.client.clone(),
+                };
+                match groups
+                    .iter_mut()
+                    .find(|(c, _)| c.config().server == node.config().server)
+                {
+                    Some((_, g)) => g.push(b),
+                    None => groups.push((node, vec![b])),
+                }
+            }
+            for (node, batches) in groups {
+                let Ok(permit) = inner.in_flight.clone().acquire_owned().await else {
+                    return;
+                };
+                // Sequence numbers are taken here, in the sender's order, so the node appends
+                // the requests in this order even though they travel on separate streams.
+                let slot = node.ordered_connection().await;
+                let inner2 = inner.clone();
+                tokio::spawn(async move {
+                    send_request(&inner2, &node, slot, batches).await;
+                    drop(permit);
+                });
+            }
         }
         if idle {
             match next {
@@ -576,6 +616,7 @@ async fn sender(inner: Arc<Inner>) {
 /// Sends one produce request and settles (or requeues) its batches.
 async fn send_request(
     inner: &Arc<Inner>,
+    node: &Client,
     slot: Result<(quiver_transport::Connection, u64), ClientError>,
     batches: Vec<ReadyBatch>,
 ) {
@@ -627,12 +668,13 @@ async fn send_request(
                 sequence,
                 topics,
             };
-            inner.client.produce_on(&conn, &req).await
+            node.produce_on(&conn, &req).await
         }
         Err(e) => Err(e),
     };
     let mut retry = Vec::new();
     let mut settled = Vec::new();
+    let mut settled_keys = Vec::new();
     let mut released = 0usize;
     for (b, pos) in batches.into_iter().zip(positions) {
         // Whether a failed attempt certainly stored nothing of this batch.
@@ -669,6 +711,15 @@ async fn send_request(
                 Err(e.clone())
             }
         };
+        if let Err(e) = &result
+            && matches!(
+                e.code(),
+                None | Some(ErrorCode::NotLeader | ErrorCode::UnknownTopicOrPartition)
+            )
+        {
+            // Leadership may have moved (or the node is gone): look the leader up again.
+            inner.client.invalidate_routes(&b.topic);
+        }
         match result {
             Err(e)
                 if e.is_retriable()
@@ -680,6 +731,7 @@ async fn send_request(
             other => {
                 released += b.reserved_bytes;
                 settled.push(b.id);
+                settled_keys.push((b.topic.clone(), b.partition));
                 let _ = b.reply.send(other.map_err(|e| {
                     if not_stored {
                         ProduceError::Client(e)
@@ -691,6 +743,7 @@ async fn send_request(
         }
     }
     inner.buffer.add_permits(released);
+    let unmute: Vec<(Arc<str>, u32)> = settled_keys;
     if !retry.is_empty() {
         let attempts = retry.iter().map(|(b, _)| b.attempts).max().unwrap_or(0);
         let backoff = inner
@@ -703,7 +756,17 @@ async fn send_request(
         if let Ok(mut st) = inner.state.lock() {
             for (mut b, _) in retry.into_iter().rev() {
                 b.attempts += 1;
+                // Ahead of any later batch of its partition, which stays muted behind it.
+                st.muted.remove(&(b.topic.clone(), b.partition));
                 st.ready.push_front(b);
+            }
+        }
+        inner.wake.notify_one();
+    }
+    if !unmute.is_empty() {
+        if let Ok(mut st) = inner.state.lock() {
+            for k in &unmute {
+                st.muted.remove(k);
             }
         }
         inner.wake.notify_one();

@@ -151,8 +151,14 @@ pub async fn reconcile(cluster: Arc<Cluster>, broker: Arc<Broker>) {
     loop {
         // What the metadata says, copied out of the lock.
         type Wanted = (String, TopicConfig, Vec<(u32, LeaderAndIsr, String)>);
-        let (applied, wanted): (u64, Vec<Wanted>) = cluster.read(|a| {
+        let (applied, wanted, wanted_counts): (u64, Vec<Wanted>, Vec<(String, u32)>) = cluster.read(|a| {
             let applied = a.last_applied.map_or(0, |l| l.index);
+            let counts = a
+                .metadata
+                .control
+                .topics()
+                .map(|(n, p)| (n.to_string(), p.len() as u32))
+                .collect();
             let wanted = a
                 .metadata
                 .control
@@ -189,7 +195,7 @@ pub async fn reconcile(cluster: Arc<Cluster>, broker: Arc<Broker>) {
                     Some((name.to_string(), config, placed))
                 })
                 .collect();
-            (applied, wanted)
+            (applied, wanted, counts)
         });
         // Local topics whose id the metadata no longer has: deleted (or deleted and created
         // again) while this node was away. Only once this copy has applied past the topic's
@@ -216,6 +222,7 @@ pub async fn reconcile(cluster: Arc<Cluster>, broker: Arc<Broker>) {
                 }
             }
         }
+        broker.set_cluster_topics(wanted_counts.clone());
         let replicas = cluster.replicas();
         replicas.retain(|t, p| {
             wanted

@@ -133,7 +133,7 @@ impl Cluster {
         if settings.voters.is_empty() {
             anyhow::bail!("a cluster needs controller voters (--controller-voters 1,2,3)");
         }
-        if settings.voters.len() % 2 == 0 || settings.voters.len() > 7 {
+        if settings.voters.len().is_multiple_of(2) || settings.voters.len() > 7 {
             anyhow::bail!(
                 "{} controller voters: use 1, 3 or 5 (an even count tolerates no more failures than one fewer)",
                 settings.voters.len()

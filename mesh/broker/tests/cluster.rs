@@ -1,0 +1,562 @@
+//! Three `quiver` processes on loopback forming one cluster, as a user runs them: the
+//! controller group, placement, replication, failover after SIGKILL, restart and catch-up,
+//! controlled shutdown.
+//!
+//! How and why: every node is a child process with its own data directory and a shared
+//! development CA directory; peer ports are chosen before start (bound and released) so the
+//! seeds can name them, client ports are `:0` and read from each node's stdout. Faults are
+//! real: SIGKILL, then a restart on the same data. Every wait is bounded; nothing here
+//! asserts on speed.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use quiver_client::{
+    Acks, Client, ClientConfig, Consumer, ConsumerConfig, Producer, ProducerConfig, ProducerRecord,
+    SeekTo,
+};
+use quiver_proto::messages::{ClusterStatusResponse, MemberState};
+
+const QUIVER: &str = env!("CARGO_BIN_EXE_quiver");
+
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One node's process and how to start it again.
+struct Node {
+    id: u32,
+    args: Vec<String>,
+    child: Option<Child>,
+    addr: String,
+}
+
+impl Node {
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(format!("{}.log", self.args[4]))
+            .unwrap();
+        let mut child = Command::new(QUIVER)
+            .args(&self.args)
+            .env("RUST_LOG", "info,openraft=warn")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("spawn node");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("quiver listening on ") {
+                    let _ = tx.send(addr.to_string());
+                }
+            }
+        });
+        self.addr = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("node printed its address");
+        self.child = Some(child);
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM and a bounded wait for a clean exit.
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status()
+                .unwrap();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if let Some(status) = c.try_wait().unwrap() {
+                    assert!(status.success(), "node {} exited with {status}", self.id);
+                    return;
+                }
+                assert!(Instant::now() < deadline, "node {} did not stop", self.id);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+struct Cluster {
+    nodes: Vec<Node>,
+    ca: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Three nodes, all controller voters, with fast leases so failover is quick.
+    fn start() -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let ports: Vec<u16> = (0..3).map(|_| free_udp_port()).collect();
+        let seeds = ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let ca_dir = dir.path().join("ca");
+        let nodes = (1..=3u32)
+            .map(|id| {
+                let data = dir.path().join(format!("n{id}"));
+                let config = dir.path().join(format!("n{id}.toml"));
+                std::fs::write(
+                    &config,
+                    "[cluster]\nheartbeat_ms = 200\nlease_ms = 1500\nelection_timeout_ms = 600\n",
+                )
+                .unwrap();
+                Node {
+                    id,
+                    args: [
+                        "serve",
+                        "--node-id",
+                        &id.to_string(),
+                        "--data-dir",
+                        data.to_str().unwrap(),
+                        "--listen",
+                        "127.0.0.1:0",
+                        "--peer-listen",
+                        &format!("127.0.0.1:{}", ports[id as usize - 1]),
+                        "--controller-voters",
+                        "1,2,3",
+                        "--seeds",
+                        &seeds,
+                        "--dev-ca-dir",
+                        ca_dir.to_str().unwrap(),
+                        "--config",
+                        config.to_str().unwrap(),
+                    ]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect(),
+                    child: None,
+                    addr: String::new(),
+                }
+            })
+            .collect();
+        let mut c = Cluster {
+            nodes,
+            ca: ca_dir.join("ca.pem"),
+            _dir: dir,
+        };
+        for n in &mut c.nodes {
+            n.spawn();
+        }
+        c
+    }
+
+    fn node(&mut self, id: u32) -> &mut Node {
+        &mut self.nodes[id as usize - 1]
+    }
+
+    async fn client(&self, id: u32) -> Client {
+        let mut config = ClientConfig::new(self.nodes[id as usize - 1].addr.clone(), &self.ca);
+        // A SIGKILLed node sends no close: the client learns of its death by timing out.
+        config.request_timeout_ms = 3_000;
+        config.transport.idle_timeout_ms = 3_000;
+        config.transport.keep_alive_ms = 500;
+        config.transport.connect_timeout_ms = 2_000;
+        Client::connect(config).await.unwrap()
+    }
+
+    /// Waits (bounded) until node `via` reports a status satisfying `f`.
+    async fn wait_status(
+        &self,
+        via: u32,
+        what: &str,
+        f: impl Fn(&ClusterStatusResponse) -> bool,
+    ) -> ClusterStatusResponse {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let client = self.client(via).await;
+        loop {
+            if let Ok(s) = client.cluster_status().await
+                && f(&s)
+            {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn live(s: &ClusterStatusResponse) -> BTreeSet<u32> {
+    s.members
+        .iter()
+        .filter(|m| m.state == MemberState::Live)
+        .map(|m| m.node_id)
+        .collect()
+}
+
+fn leader_of(s: &ClusterStatusResponse, topic: &str, partition: u32) -> u32 {
+    s.partitions
+        .iter()
+        .find(|p| p.topic == topic && p.partition == partition)
+        .map_or(0, |p| p.leader)
+}
+
+fn full_isr(s: &ClusterStatusResponse, topic: &str) -> bool {
+    let parts: Vec<_> = s.partitions.iter().filter(|p| p.topic == topic).collect();
+    !parts.is_empty()
+        && parts
+            .iter()
+            .all(|p| p.isr.len() == p.replicas.len() && p.leader != 0)
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn three_nodes_form_a_cluster_place_topics_and_survive_losing_the_controller() {
+    let rt = runtime();
+    let mut cluster = Cluster::start();
+    rt.block_on(async {
+        let s = cluster
+            .wait_status(2, "three live members and a controller", |s| {
+                s.status.is_ok() && s.controller != 0 && live(s).len() == 3
+            })
+            .await;
+        assert_eq!(s.members.len(), 3);
+        let c = cluster.client(3).await;
+        // Placement: replicas spread, leaders rotate; a replication factor above the live
+        // node count is refused.
+        c.create_topic("spread", 3, &[("replication.factor".into(), "2".into())])
+            .await
+            .unwrap();
+        let e = c
+            .create_topic("too-wide", 1, &[("replication.factor".into(), "4".into())])
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("invalid_replication_factor"), "{e}");
+        let s = cluster
+            .wait_status(1, "the topic in node 1's metadata", |s| {
+                s.partitions.iter().filter(|p| p.topic == "spread").count() == 3
+            })
+            .await;
+        let leaders: BTreeSet<u32> = (0..3).map(|p| leader_of(&s, "spread", p)).collect();
+        assert_eq!(leaders, [1, 2, 3].into(), "leaders rotate over the nodes");
+        for p in s.partitions.iter().filter(|p| p.topic == "spread") {
+            assert_eq!(p.replicas.len(), 2);
+        }
+        // Every node answers metadata from its own copy.
+        for id in 1..=3 {
+            let m = cluster.client(id).await.metadata(None).await.unwrap();
+            assert_eq!(m.brokers.len(), 3, "node {id} lists every broker");
+            assert!(m.topics.iter().any(|t| t.name == "spread"));
+        }
+        s.controller
+    });
+    // SIGKILL the active controller: another voter takes over, the dead node is fenced, and
+    // the metadata can still change.
+    let controller = rt.block_on(async {
+        cluster
+            .wait_status(1, "a controller", |s| s.controller != 0)
+            .await
+            .controller
+    });
+    cluster.node(controller).kill();
+    let other = if controller == 1 { 2 } else { 1 };
+    rt.block_on(async {
+        let s = cluster
+            .wait_status(other, "a new controller and the old one fenced", |s| {
+                s.controller != 0 && s.controller != controller && !live(s).contains(&controller)
+            })
+            .await;
+        assert!(
+            s.partitions.iter().all(|p| p.leader != controller),
+            "no partition is led by the fenced node: {:?}",
+            s.partitions
+        );
+        cluster
+            .client(other)
+            .await
+            .create_topic("after", 1, &[])
+            .await
+            .unwrap();
+    });
+    // It restarts with a new broker epoch and catches up on the metadata it missed.
+    let epoch_before = rt.block_on(async {
+        let s = cluster.wait_status(other, "status", |_| true).await;
+        s.members
+            .iter()
+            .find(|m| m.node_id == controller)
+            .unwrap()
+            .broker_epoch
+    });
+    cluster.node(controller).spawn();
+    rt.block_on(async {
+        let s = cluster
+            .wait_status(
+                controller,
+                "the restarted node live with the new topic",
+                |s| live(s).len() == 3 && s.partitions.iter().any(|p| p.topic == "after"),
+            )
+            .await;
+        let epoch = s
+            .members
+            .iter()
+            .find(|m| m.node_id == controller)
+            .unwrap()
+            .broker_epoch;
+        assert!(
+            epoch > epoch_before,
+            "a new incarnation gets a new broker epoch"
+        );
+    });
+    for n in &mut cluster.nodes {
+        n.stop();
+    }
+}
+
+/// Item 7 of the cluster issue: acks=all records survive repeated SIGKILLs of the partition
+/// leader. A producer writes sequence-numbered records (at-least-once: it retries attempts of
+/// unknown outcome, so duplicates may appear and are counted); each cycle kills the leader of
+/// partition 0 mid-stream, lets the producer go on against the new leader, then restarts the
+/// node and waits for it to rejoin the ISR. At the end every acknowledged record is at its
+/// offset with its content, offsets are dense, and acknowledged records of a partition are in
+/// send order.
+#[test]
+fn acknowledged_records_survive_sigkill_of_the_leader_three_times() {
+    let rt = runtime();
+    let mut cluster = Cluster::start();
+    let topic = "ledger";
+    rt.block_on(async {
+        cluster
+            .wait_status(1, "three live members", |s| {
+                live(s).len() == 3 && s.controller != 0
+            })
+            .await;
+        cluster
+            .client(1)
+            .await
+            .create_topic(
+                topic,
+                2,
+                &[
+                    ("replication.factor".into(), "3".into()),
+                    ("min.insync.replicas".into(), "2".into()),
+                    ("flush.policy".into(), "batch".into()),
+                ],
+            )
+            .await
+            .unwrap();
+        cluster
+            .wait_status(1, "full ISRs", |s| full_isr(s, topic))
+            .await;
+    });
+    let acked: Arc<Mutex<BTreeMap<u64, (u32, u64)>>> = Arc::default();
+    let failed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // The producer bootstraps from node 3's address list but routes to leaders itself.
+    let client = rt.block_on(cluster.client(3));
+    let producer = {
+        let _g = rt.enter();
+        Producer::new(
+            client,
+            ProducerConfig {
+                acks: Acks::All,
+                linger_ms: 2,
+                in_flight_max: 1,
+                retries_max: 50,
+                retry_unknown_outcome: true,
+                retry_backoff_ms: 100,
+                request_timeout_ms: 5_000,
+                ..ProducerConfig::default()
+            },
+        )
+    };
+    let writer = {
+        let (acked, failed, stop) = (acked.clone(), failed.clone(), stop.clone());
+        rt.spawn(async move {
+            let mut seq = 0u64;
+            let mut waiting = Vec::new();
+            // Paced (about 5,000 records a second at most) and capped, so the run is bounded.
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) && seq < 1_000_000 {
+                let d = producer
+                    .send(
+                        ProducerRecord::new(topic, format!("record-{seq}"))
+                            .partition((seq % 2) as u32),
+                    )
+                    .await
+                    .unwrap();
+                let (acked, failed) = (acked.clone(), failed.clone());
+                waiting.push(tokio::spawn(async move {
+                    match d.await {
+                        Ok(meta) => {
+                            acked
+                                .lock()
+                                .unwrap()
+                                .insert(seq, (meta.partition, meta.offset.unwrap()));
+                        }
+                        Err(_) => {
+                            failed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
+                    }
+                }));
+                seq += 1;
+                if seq.is_multiple_of(5) {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+            producer.flush().await.ok();
+            for w in waiting {
+                let _ = tokio::time::timeout(Duration::from_secs(60), w).await;
+            }
+            seq
+        })
+    };
+    let wait_acked = |n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while acked.lock().unwrap().len() < n {
+            assert!(
+                Instant::now() < deadline,
+                "the producer made no progress to {n}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    let mut killed = Vec::new();
+    for cycle in 1..=3usize {
+        wait_acked(cycle * 2_000);
+        let leader = rt.block_on(async {
+            let via = if cluster.nodes.iter().all(|n| n.child.is_some()) {
+                1
+            } else {
+                2
+            };
+            let s = cluster
+                .wait_status(via, "a leader for partition 0", |s| {
+                    leader_of(s, topic, 0) != 0
+                })
+                .await;
+            leader_of(&s, topic, 0)
+        });
+        cluster.node(leader).kill();
+        killed.push(leader);
+        let survivor = (1..=3).find(|i| *i != leader).unwrap();
+        // Writes go on against the new leader while the old one is down.
+        let before = acked.lock().unwrap().len();
+        rt.block_on(async {
+            cluster
+                .wait_status(survivor, "a new leader for partition 0", |s| {
+                    let l = leader_of(s, topic, 0);
+                    l != 0 && l != leader
+                })
+                .await;
+        });
+        wait_acked(before + 1_000);
+        cluster.node(leader).spawn();
+        rt.block_on(async {
+            cluster
+                .wait_status(survivor, "the restarted node back in every ISR", |s| {
+                    live(s).len() == 3 && full_isr(s, topic)
+                })
+                .await;
+        });
+    }
+    let now = acked.lock().unwrap().len();
+    wait_acked(now + 500);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let sent = rt
+        .block_on(async { tokio::time::timeout(Duration::from_secs(120), writer).await })
+        .expect("the writer finished")
+        .unwrap();
+    let acked = acked.lock().unwrap().clone();
+    // Read everything back through a consumer that routes to the leaders.
+    let stored: BTreeMap<(u32, u64), String> = rt.block_on(async {
+        let client = cluster.client(2).await;
+        let mut consumer = Consumer::new(client.clone(), topic, None, ConsumerConfig::default())
+            .await
+            .unwrap();
+        consumer.seek_all(SeekTo::Earliest).await.unwrap();
+        let mut ends = BTreeMap::new();
+        for p in [0u32, 1] {
+            ends.insert(p, client.list_offset(topic, p, -1).await.unwrap().unwrap());
+        }
+        let mut stored = BTreeMap::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while ends
+            .iter()
+            .any(|(p, e)| consumer.position(*p).unwrap() < *e)
+        {
+            assert!(Instant::now() < deadline, "could not read back to {ends:?}");
+            for r in consumer.poll().await.unwrap() {
+                stored.insert(
+                    (r.partition, r.offset),
+                    String::from_utf8(r.value.unwrap().to_vec()).unwrap(),
+                );
+            }
+        }
+        stored
+    });
+    for (seq, place) in &acked {
+        let value = stored
+            .get(place)
+            .unwrap_or_else(|| panic!("acknowledged seq {seq} at {place:?} lost"));
+        assert_eq!(value, &format!("record-{seq}"), "content at {place:?}");
+    }
+    let mut copies: BTreeMap<&str, usize> = BTreeMap::new();
+    for v in stored.values() {
+        *copies.entry(v.as_str()).or_default() += 1;
+    }
+    let duplicates: usize = copies.values().map(|c| c - 1).sum();
+    for p in [0u32, 1] {
+        let offsets: Vec<u64> = stored
+            .keys()
+            .filter(|(q, _)| *q == p)
+            .map(|(_, o)| *o)
+            .collect();
+        assert!(
+            offsets.iter().enumerate().all(|(i, o)| *o == i as u64),
+            "gap in partition {p}"
+        );
+        // Acknowledged records of a partition sit in send order (one request in flight).
+        let mut by_seq: Vec<(u64, u64)> = acked
+            .iter()
+            .filter(|(_, (q, _))| *q == p)
+            .map(|(s, (_, o))| (*s, *o))
+            .collect();
+        by_seq.sort();
+        assert!(
+            by_seq.windows(2).all(|w| w[0].1 < w[1].1),
+            "acknowledged records of partition {p} out of send order"
+        );
+    }
+    eprintln!(
+        "killed leaders {killed:?}; {sent} sent, {} acknowledged, {} failed, {} stored, {duplicates} duplicates from retries",
+        acked.len(),
+        failed.load(std::sync::atomic::Ordering::SeqCst),
+        stored.len()
+    );
+    for n in &mut cluster.nodes {
+        n.stop();
+    }
+}
