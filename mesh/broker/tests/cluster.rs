@@ -49,7 +49,7 @@ impl Node {
             .unwrap();
         let mut child = Command::new(QUIVER)
             .args(&self.args)
-            .env("RUST_LOG", "info,openraft=warn")
+            .env("QUIVER_LOG", "info,openraft=warn")
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
@@ -111,9 +111,15 @@ struct Cluster {
 impl Cluster {
     /// Three nodes, all controller voters, with fast leases so failover is quick.
     fn start() -> Cluster {
-        let dir = tempfile::tempdir().unwrap();
         let ports: Vec<u16> = (0..3).map(|_| free_udp_port()).collect();
-        let seeds = ports
+        Self::start_advertising(&ports, &ports)
+    }
+
+    /// As [`start`](Self::start), with node `i`'s peer endpoint on `ports[i]` and advertised
+    /// to the others as `advertised[i]` (a proxy in front of it).
+    fn start_advertising(ports: &[u16], advertised: &[u16]) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let seeds = advertised
             .iter()
             .map(|p| format!("127.0.0.1:{p}"))
             .collect::<Vec<_>>()
@@ -125,7 +131,10 @@ impl Cluster {
                 let config = dir.path().join(format!("n{id}.toml"));
                 std::fs::write(
                     &config,
-                    "[cluster]\nheartbeat_ms = 200\nlease_ms = 1500\nelection_timeout_ms = 600\n",
+                    format!(
+                        "[cluster]\nheartbeat_ms = 200\nlease_ms = 1500\nelection_timeout_ms = 600\npeer_advertised_addr = \"127.0.0.1:{}\"\n",
+                        advertised[id as usize - 1]
+                    ),
                 )
                 .unwrap();
                 Node {
@@ -329,6 +338,48 @@ fn three_nodes_form_a_cluster_place_topics_and_survive_losing_the_controller() {
         assert!(
             epoch > epoch_before,
             "a new incarnation gets a new broker epoch"
+        );
+    });
+    // Controlled shutdown: a node stopped with SIGTERM hands its leaderships over before it
+    // exits, so the metadata shows it fenced and leading nothing as soon as it is gone (no
+    // lease has to run out first).
+    let leader = rt.block_on(async {
+        let s = cluster
+            .wait_status(1, "every partition of spread led", |s| {
+                live(s).len() == 3 && (0..3).all(|p| leader_of(s, "spread", p) != 0)
+            })
+            .await;
+        leader_of(&s, "spread", 0)
+    });
+    cluster.node(leader).stop();
+    let asked = if leader == 1 { 2 } else { 1 };
+    rt.block_on(async {
+        let c = cluster.client(asked).await;
+        // The change is committed before the node exits; the node asked may apply it a
+        // heartbeat later. A lease could not have run out yet (1.5 s after the last
+        // heartbeat), so what is seen within a second is the controlled shutdown's doing.
+        let started = Instant::now();
+        let s = loop {
+            let s = c.cluster_status().await.unwrap();
+            let fenced = s
+                .members
+                .iter()
+                .any(|m| m.node_id == leader && m.state == MemberState::Fenced);
+            if fenced || started.elapsed() > Duration::from_secs(1) {
+                break s;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let member = s.members.iter().find(|m| m.node_id == leader).unwrap();
+        assert_eq!(
+            member.state,
+            MemberState::Fenced,
+            "node {leader} fenced by its controlled shutdown"
+        );
+        assert!(
+            s.partitions.iter().all(|p| p.leader != leader),
+            "leadership moved before node {leader} stopped: {:?}",
+            s.partitions
         );
     });
     for n in &mut cluster.nodes {
@@ -554,6 +605,307 @@ fn acknowledged_records_survive_sigkill_of_the_leader_three_times() {
         "killed leaders {killed:?}; {sent} sent, {} acknowledged, {} failed, {} stored, {duplicates} duplicates from retries",
         acked.len(),
         failed.load(std::sync::atomic::Ordering::SeqCst),
+        stored.len()
+    );
+    for n in &mut cluster.nodes {
+        n.stop();
+    }
+}
+
+/// A UDP relay in front of each node's peer endpoint, which can cut one node off: it then
+/// drops every datagram to that node's front address and every datagram from its peer port
+/// (a node dials its peers from the port it listens on), in both directions.
+struct Proxy {
+    /// The cut node: (its front port, its peer port).
+    cut: Arc<Mutex<Option<(u16, u16)>>>,
+    fronts: Vec<u16>,
+    backends: Vec<u16>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Proxy {
+    async fn start(backends: &[u16]) -> Proxy {
+        let cut: Arc<Mutex<Option<(u16, u16)>>> = Arc::default();
+        let mut fronts = Vec::new();
+        let mut tasks = Vec::new();
+        for backend in backends {
+            let front = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+            let front_port = front.local_addr().unwrap().port();
+            fronts.push(front_port);
+            let backend: std::net::SocketAddr = format!("127.0.0.1:{backend}").parse().unwrap();
+            tasks.push(tokio::spawn(relay(front, front_port, backend, cut.clone())));
+        }
+        Proxy {
+            cut,
+            fronts,
+            backends: backends.to_vec(),
+            tasks,
+        }
+    }
+
+    /// Cuts node `id` (1-based) off from its peers, or heals (`None`).
+    fn isolate(&self, id: Option<u32>) {
+        *self.cut.lock().unwrap() =
+            id.map(|i| (self.fronts[i as usize - 1], self.backends[i as usize - 1]));
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn blocked(cut: &Mutex<Option<(u16, u16)>>, front: u16, source_port: u16) -> bool {
+    cut.lock()
+        .unwrap()
+        .is_some_and(|(f, p)| f == front || source_port == p)
+}
+
+async fn relay(
+    front: Arc<tokio::net::UdpSocket>,
+    front_port: u16,
+    backend: std::net::SocketAddr,
+    cut: Arc<Mutex<Option<(u16, u16)>>>,
+) {
+    let mut upstreams: std::collections::HashMap<std::net::SocketAddr, Arc<tokio::net::UdpSocket>> =
+        Default::default();
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let (n, source) = match front.recv_from(&mut buf).await {
+            Ok(r) => r,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => continue,
+            Err(_) => return,
+        };
+        if blocked(&cut, front_port, source.port()) {
+            continue;
+        }
+        let up = match upstreams.get(&source) {
+            Some(u) => u.clone(),
+            None => {
+                let u = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+                u.connect(backend).await.unwrap();
+                let (u2, front2, cut2) = (u.clone(), front.clone(), cut.clone());
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 65_536];
+                    loop {
+                        // A datagram sent before the node was up comes back as "connection
+                        // refused" on this connected socket: not the end of the relay.
+                        let n = match u2.recv(&mut buf).await {
+                            Ok(n) => n,
+                            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => continue,
+                            Err(_) => return,
+                        };
+                        if !blocked(&cut2, front_port, source.port()) {
+                            let _ = front2.send_to(&buf[..n], source).await;
+                        }
+                    }
+                });
+                upstreams.insert(source, u.clone());
+                u
+            }
+        };
+        let _ = up.send(&buf[..n]).await;
+    }
+}
+
+/// Item 7, the network partition: the leader of a partition is cut off from its peers (a
+/// relay in front of every peer endpoint drops its traffic both ways) while an acks=all
+/// producer writes. The others elect a new leader; the old one, unable to reach the
+/// controller for a lease, stops accepting writes (`not_leader`); after healing it truncates
+/// what it took alone and rejoins the ISR; nothing acknowledged is lost.
+#[test]
+fn an_isolated_leader_is_replaced_and_stops_accepting_writes() {
+    let rt = runtime();
+    let ports: Vec<u16> = (0..3).map(|_| free_udp_port()).collect();
+    let proxy = rt.block_on(Proxy::start(&ports));
+    let mut cluster = Cluster::start_advertising(&ports, &proxy.fronts);
+    let topic = "split";
+    rt.block_on(async {
+        cluster
+            .wait_status(1, "three live members", |s| {
+                live(s).len() == 3 && s.controller != 0
+            })
+            .await;
+        cluster
+            .client(1)
+            .await
+            .create_topic(
+                topic,
+                1,
+                &[
+                    ("replication.factor".into(), "3".into()),
+                    ("min.insync.replicas".into(), "2".into()),
+                    ("flush.policy".into(), "batch".into()),
+                ],
+            )
+            .await
+            .unwrap();
+        cluster
+            .wait_status(1, "full ISR", |s| full_isr(s, topic))
+            .await;
+    });
+    let leader = rt.block_on(async {
+        leader_of(
+            &cluster
+                .wait_status(1, "a leader", |s| leader_of(s, topic, 0) != 0)
+                .await,
+            topic,
+            0,
+        )
+    });
+    let other = (1..=3).find(|i| *i != leader).unwrap();
+    let acked: Arc<Mutex<BTreeMap<u64, u64>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = rt.block_on(cluster.client(other));
+    let writer = {
+        let (acked, stop) = (acked.clone(), stop.clone());
+        let _g = rt.enter();
+        let producer = Producer::new(
+            client,
+            ProducerConfig {
+                acks: Acks::All,
+                linger_ms: 2,
+                in_flight_max: 1,
+                retries_max: 100,
+                retry_unknown_outcome: true,
+                request_timeout_ms: 4_000,
+                ..ProducerConfig::default()
+            },
+        );
+        rt.spawn(async move {
+            let mut seq = 0u64;
+            let mut waiting = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) && seq < 1_000_000 {
+                let d = producer
+                    .send(ProducerRecord::new(topic, format!("record-{seq}")))
+                    .await
+                    .unwrap();
+                let acked = acked.clone();
+                waiting.push(tokio::spawn(async move {
+                    if let Ok(m) = d.await {
+                        acked.lock().unwrap().insert(seq, m.offset.unwrap());
+                    }
+                }));
+                seq += 1;
+                if seq.is_multiple_of(5) {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+            producer.flush().await.ok();
+            for w in waiting {
+                let _ = tokio::time::timeout(Duration::from_secs(60), w).await;
+            }
+        })
+    };
+    let wait_acked = |n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while acked.lock().unwrap().len() < n {
+            assert!(
+                Instant::now() < deadline,
+                "the producer made no progress to {n}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    wait_acked(2_000);
+    proxy.isolate(Some(leader));
+    rt.block_on(async {
+        cluster
+            .wait_status(other, "a new leader on the majority side", |s| {
+                let l = leader_of(s, topic, 0);
+                l != 0 && l != leader
+            })
+            .await;
+    });
+    let now = acked.lock().unwrap().len();
+    wait_acked(now + 1_000);
+    // The old leader, asked directly by a client, refuses writes once it has gone a lease
+    // without reaching the controller.
+    rt.block_on(async {
+        let c = cluster.client(leader).await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let p = Producer::new(
+                c.clone(),
+                ProducerConfig {
+                    acks: Acks::Leader,
+                    retries_max: 0,
+                    linger_ms: 0,
+                    ..ProducerConfig::default()
+                },
+            );
+            let r = p
+                .send(ProducerRecord::new(topic, "to the isolated node"))
+                .await
+                .unwrap()
+                .await;
+            match r {
+                Err(e) if e.code() == Some(quiver_proto::ErrorCode::NotLeader) => break,
+                other => assert!(
+                    Instant::now() < deadline,
+                    "the isolated leader still takes writes: {other:?}"
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    proxy.isolate(None);
+    rt.block_on(async {
+        cluster
+            .wait_status(other, "the old leader back in the ISR", |s| {
+                live(s).len() == 3 && full_isr(s, topic)
+            })
+            .await;
+    });
+    let now = acked.lock().unwrap().len();
+    wait_acked(now + 500);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    rt.block_on(async { tokio::time::timeout(Duration::from_secs(120), writer).await })
+        .expect("the writer finished")
+        .unwrap();
+    let acked = acked.lock().unwrap().clone();
+    // Read back from every replica's point of view: through the leader, the whole log.
+    let stored: BTreeMap<u64, String> = rt.block_on(async {
+        let client = cluster.client(leader).await;
+        let mut consumer = Consumer::new(client.clone(), topic, None, ConsumerConfig::default())
+            .await
+            .unwrap();
+        consumer.seek_all(SeekTo::Earliest).await.unwrap();
+        let end = client.list_offset(topic, 0, -1).await.unwrap().unwrap();
+        let mut stored = BTreeMap::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while consumer.position(0).unwrap() < end {
+            assert!(Instant::now() < deadline, "could not read back to {end}");
+            for r in consumer.poll().await.unwrap() {
+                stored.insert(
+                    r.offset,
+                    String::from_utf8(r.value.unwrap().to_vec()).unwrap(),
+                );
+            }
+        }
+        stored
+    });
+    for (seq, offset) in &acked {
+        assert_eq!(
+            stored.get(offset),
+            Some(&format!("record-{seq}")),
+            "acknowledged seq {seq} at offset {offset}"
+        );
+    }
+    assert!(
+        stored.keys().enumerate().all(|(i, o)| *o == i as u64),
+        "gap in the log"
+    );
+    assert!(
+        !stored.values().any(|v| v == "to the isolated node"),
+        "a write refused by the isolated leader is not in the log"
+    );
+    eprintln!(
+        "isolated leader {leader}; {} acknowledged, {} stored",
+        acked.len(),
         stored.len()
     );
     for n in &mut cluster.nodes {

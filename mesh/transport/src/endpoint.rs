@@ -47,6 +47,9 @@ pub struct Server {
     acceptor: JoinHandle<()>,
     buffers: SocketBuffers,
     shutdown_wait: Duration,
+    connect_timeout: Duration,
+    /// A peer endpoint: it also dials.
+    dials: bool,
 }
 
 impl Server {
@@ -62,18 +65,69 @@ impl Server {
     }
 
     /// A peer endpoint: as [`bind`](Self::bind) with ALPN `quiver-peer/1`, and every
-    /// connecting node must present a certificate issued by a CA `peers` trusts.
+    /// connecting node must present a certificate issued by a CA `peers` trusts. The same
+    /// endpoint dials other peers ([`connect`](Self::connect)) presenting `identity`, so a
+    /// node's peer traffic, in and out, uses one UDP port.
     pub fn bind_peer(
         addr: SocketAddr,
         identity: &ServerIdentity,
         peers: &ClientTrust,
         settings: &TransportSettings,
     ) -> Result<Self, TransportError> {
-        Self::bind_with(
+        let mut server = Self::bind_with(
             addr,
             identity.rustls_peer_config(crate::ALPN_PEER, peers)?,
             settings,
-        )
+        )?;
+        let crypto =
+            QuicClientConfig::try_from(peers.rustls_peer_config(crate::ALPN_PEER, identity)?)
+                .map_err(|e| TlsError::Config(e.to_string()))?;
+        let (transport, _) = quinn_configs(settings)?;
+        let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+        client.transport_config(transport);
+        server.endpoint.set_default_client_config(client);
+        server.connect_timeout = Duration::from_millis(settings.connect_timeout_ms);
+        server.dials = true;
+        Ok(server)
+    }
+
+    /// Dials another peer from this endpoint (a peer endpoint only), like
+    /// [`Client::connect`].
+    pub async fn connect(
+        &self,
+        addr: &str,
+        server_name: Option<&str>,
+    ) -> Result<Connection, TransportError> {
+        if !self.dials {
+            return Err(TransportError::Connect(
+                "this endpoint only accepts connections".into(),
+            ));
+        }
+        let server_name = match server_name {
+            Some(name) => name.to_owned(),
+            None => default_server_name(addr),
+        };
+        let ipv6 = self
+            .endpoint
+            .local_addr()
+            .map(|a| a.is_ipv6())
+            .unwrap_or(false);
+        let attempt = async {
+            let remote = tokio::net::lookup_host(addr)
+                .await
+                .map_err(|e| TransportError::Resolve(format!("{addr}: {e}")))?
+                .find(|c| c.is_ipv6() == ipv6)
+                .ok_or_else(|| TransportError::Resolve(format!("{addr}: no reachable address")))?;
+            let connecting = self
+                .endpoint
+                .connect(remote, &server_name)
+                .map_err(|e| TransportError::Connect(e.to_string()))?;
+            let conn = connecting.await.map_err(connection_error)?;
+            Ok(Connection::new(conn))
+        };
+        tokio::time::timeout(self.connect_timeout, attempt)
+            .await
+            .map_err(|_| TransportError::Timeout)?
     }
 
     fn bind_with(
@@ -104,6 +158,8 @@ impl Server {
             acceptor,
             buffers,
             shutdown_wait: Duration::from_millis(settings.shutdown_wait_ms),
+            connect_timeout: Duration::from_millis(settings.connect_timeout_ms),
+            dials: false,
         })
     }
 

@@ -145,7 +145,8 @@ pub fn main() -> ExitCode {
 }
 
 fn init_tracing(server: bool) {
-    let default = if server { "info" } else { "warn" };
+    // openraft narrates every election and append at info; its warnings are what matter.
+    let default = if server { "info,openraft=warn" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("QUIVER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()

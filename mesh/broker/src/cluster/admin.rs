@@ -148,6 +148,7 @@ fn node_local(name: &str) -> bool {
 pub async fn reconcile(cluster: Arc<Cluster>, broker: Arc<Broker>) {
     let me = cluster.node_id();
     let mut changes = cluster.changes();
+    let mut isolation = cluster.isolation();
     loop {
         // What the metadata says, copied out of the lock.
         type Wanted = (String, TopicConfig, Vec<(u32, LeaderAndIsr, String)>);
@@ -249,8 +250,9 @@ pub async fn reconcile(cluster: Arc<Cluster>, broker: Arc<Broker>) {
                 }
             }
         }
-        if changes.changed().await.is_err() {
-            return;
+        tokio::select! {
+            r = changes.changed() => if r.is_err() { return },
+            r = isolation.changed() => if r.is_err() { return },
         }
     }
 }

@@ -32,7 +32,7 @@ use quiver_proto::messages::{
     ClusterMember, ClusterStatusResponse, MemberState, PartitionLeadership, RaftRole, Status,
 };
 use quiver_proto::peer::{BrokerHeartbeat, Hello, NotController, PeerApi};
-use quiver_transport::{Client, ClientTrust, Server, ServerIdentity, TransportSettings};
+use quiver_transport::{ClientTrust, Server, ServerIdentity, TransportSettings};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -98,6 +98,9 @@ pub struct Cluster {
     replicas: replicas::Replicas,
     /// This incarnation's broker epoch, once registered.
     epoch: watch::Sender<Option<u64>>,
+    /// Set when no heartbeat has reached the active controller for a lease: the controller
+    /// has fenced this node (or will), so it leads nothing until it gets through again.
+    isolated: watch::Sender<bool>,
     /// As active controller: last heartbeat per broker (its epoch, when).
     leases: std::sync::Mutex<HashMap<u32, (u64, Instant)>>,
     /// The term this node last started leading in.
@@ -148,9 +151,7 @@ impl Cluster {
         if settings.peer_addr.is_empty() {
             settings.peer_addr = bound.to_string();
         }
-        let peers = Arc::new(PeerClient::new(Client::new_peer(
-            trust, identity, transport,
-        )?));
+        let peers = Arc::new(PeerClient::new(server.clone()));
         let config = openraft::Config {
             cluster_name: "quiver".into(),
             heartbeat_interval: settings.raft_heartbeat_ms,
@@ -180,6 +181,7 @@ impl Cluster {
             server: server.clone(),
             replicas: replicas::Replicas::default(),
             epoch: watch::channel(None).0,
+            isolated: watch::channel(false).0,
             leases: Default::default(),
             lead_term: Default::default(),
             hint: Default::default(),
@@ -192,7 +194,7 @@ impl Cluster {
             tokio::spawn(cluster.clone().controller_loop()),
         ];
         *cluster.tasks.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
-        tracing::info!(node = cluster.settings.node_id, peer_addr = %bound, "cluster member started");
+        tracing::info!(node = cluster.settings.node_id, bound = %bound, advertised = %cluster.settings.peer_addr, "cluster member started");
         Ok((cluster, bound))
     }
 
@@ -214,6 +216,17 @@ impl Cluster {
     /// This incarnation's broker epoch, once registered.
     pub fn broker_epoch(&self) -> Option<u64> {
         *self.epoch.borrow()
+    }
+
+    /// Whether this node has lost the controller for longer than a lease (it then leads
+    /// nothing, see [`Self::isolation`]).
+    pub fn is_isolated(&self) -> bool {
+        *self.isolated.borrow()
+    }
+
+    /// Moves when this node loses or regains the controller.
+    pub fn isolation(&self) -> watch::Receiver<bool> {
+        self.isolated.subscribe()
     }
 
     /// Waits until this node is registered (bounded).
@@ -435,7 +448,35 @@ impl Cluster {
     /// Registers this incarnation, then heartbeats the active controller; registers again
     /// when the controller says the epoch was replaced.
     async fn broker_loop(self: Arc<Self>) {
+        let mut last_ok = Instant::now();
         loop {
+            let ok = self.broker_round().await;
+            if ok {
+                last_ok = Instant::now();
+            }
+            // No word from the controller for a lease: it has fenced this node (or will)
+            // and elected other leaders, so stop leading before two leaders take writes.
+            let isolated = !ok && last_ok.elapsed() > self.settings.lease;
+            if self.isolated.send_if_modified(|i| {
+                let changed = *i != isolated;
+                *i = isolated;
+                changed
+            }) {
+                if isolated {
+                    tracing::warn!(
+                        "no heartbeat reached the controller for a lease; leading nothing until one does"
+                    );
+                } else {
+                    tracing::info!("the controller is reachable again");
+                }
+            }
+            tokio::time::sleep(self.settings.heartbeat).await;
+        }
+    }
+
+    /// One registration or heartbeat; whether the controller answered it.
+    async fn broker_round(&self) -> bool {
+        {
             match self.broker_epoch() {
                 None => {
                     let cmd = Command::Register {
@@ -447,9 +488,16 @@ impl Cluster {
                         Ok(Outcome::Registered { epoch }) => {
                             tracing::info!(epoch, "registered with the controller");
                             self.epoch.send_replace(Some(epoch));
+                            true
                         }
-                        Ok(o) => tracing::warn!(outcome = ?o, "registration refused"),
-                        Err(e) => tracing::debug!(error = %e, "registration failed; retrying"),
+                        Ok(o) => {
+                            tracing::warn!(outcome = ?o, "registration refused");
+                            false
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %e, "registration failed; retrying");
+                            false
+                        }
                     }
                 }
                 Some(epoch) => {
@@ -457,20 +505,34 @@ impl Cluster {
                         node_id: self.settings.node_id,
                         broker_epoch: epoch,
                     };
-                    if let ErrorCode::StaleBrokerEpoch = self.send_heartbeat(hb).await {
-                        tracing::warn!(epoch, "broker epoch replaced; registering again");
-                        self.epoch.send_replace(None);
-                        continue;
+                    match self.send_heartbeat(hb).await {
+                        ErrorCode::None => true,
+                        ErrorCode::StaleBrokerEpoch => {
+                            tracing::warn!(epoch, "broker epoch replaced; registering again");
+                            self.epoch.send_replace(None);
+                            // The controller answered: it knows of this node.
+                            true
+                        }
+                        _ => false,
                     }
                 }
             }
-            tokio::time::sleep(self.settings.heartbeat).await;
         }
     }
 
     async fn send_heartbeat(&self, hb: BrokerHeartbeat) -> ErrorCode {
         match self.leader() {
-            Some(l) if l == self.me() => self.on_heartbeat(hb).await.code,
+            Some(l) if l == self.me() => {
+                // A controller cut off from its quorum still believes it leads: confirm with
+                // a quorum first, or this node would never notice it is isolated.
+                let confirmed =
+                    tokio::time::timeout(self.settings.heartbeat, self.raft.ensure_linearizable())
+                        .await;
+                if !matches!(confirmed, Ok(Ok(_))) {
+                    return ErrorCode::NotController;
+                }
+                self.on_heartbeat(hb).await.code
+            }
             Some(l) => match self.peer_addr_of(l) {
                 Some(addr) => {
                     let mut w = Writer::new();
@@ -646,8 +708,8 @@ impl Cluster {
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
         }
-        self.server.shutdown(0, "node shutting down").await;
         self.peers.shutdown().await;
+        self.server.shutdown(0, "node shutting down").await;
     }
 
     /// The ClusterStatus answer from this node's copy.

@@ -11,7 +11,7 @@ use quiver_proto::codec::Writer;
 use quiver_proto::frame::{FRAME_LENGTH_BYTES, check_length_prefix};
 use quiver_proto::peer::PeerApi;
 use quiver_proto::{ErrorCode, RequestHeader, ResponseHeader};
-use quiver_transport::{Client, Connection, RecvStream, SendStream, Server};
+use quiver_transport::{Connection, RecvStream, SendStream, Server};
 
 /// Largest peer frame, either way (a Raft snapshot chunk, a batch of log entries).
 pub const PEER_FRAME_BYTES_MAX: usize = 64 << 20;
@@ -36,7 +36,8 @@ pub enum PeerError {
 
 /// Calls to peers, over one cached connection per address.
 pub struct PeerClient {
-    endpoint: Client,
+    /// The node's peer endpoint: it dials from the port it listens on.
+    endpoint: Arc<Server>,
     conns: tokio::sync::Mutex<HashMap<String, Connection>>,
 }
 
@@ -47,8 +48,8 @@ impl std::fmt::Debug for PeerClient {
 }
 
 impl PeerClient {
-    /// A client on `endpoint` (made with `Client::new_peer`).
-    pub fn new(endpoint: Client) -> Self {
+    /// A client dialling from the node's peer endpoint (`Server::bind_peer`).
+    pub fn new(endpoint: Arc<Server>) -> Self {
         Self {
             endpoint,
             conns: tokio::sync::Mutex::new(HashMap::new()),
@@ -124,10 +125,11 @@ impl PeerClient {
         r
     }
 
-    /// Closes every connection.
+    /// Forgets every connection (the endpoint itself is shut down by its owner).
     pub async fn shutdown(&self) {
-        self.conns.lock().await.clear();
-        self.endpoint.shutdown(0, "node shutting down").await;
+        for (_, c) in self.conns.lock().await.drain() {
+            c.close(0, "node shutting down");
+        }
     }
 }
 

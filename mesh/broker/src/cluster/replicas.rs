@@ -126,6 +126,8 @@ impl Replicas {
         };
         let me = cluster.node_id();
         let role = match state.leader {
+            // Cut off from the controller: another node is (or soon will be) the leader.
+            Some(l) if l == me && cluster.is_isolated() => Role::Offline { epoch: state.epoch },
             Some(l) if l == me => Role::Leader { epoch: state.epoch },
             Some(l) => Role::Follower {
                 leader: l,
