@@ -3,7 +3,7 @@
 # the pinned toolchain (rust-toolchain.toml) with rustfmt, clippy and the wasm32-wasip2 target.
 # Idempotent and quiet when everything is already there.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
 toolchain=$(sed -n 's/^channel *= *"\(.*\)"/\1/p' rust-toolchain.toml)
 if ! command -v rustup >/dev/null 2>&1; then
   echo "rustup is required (https://rustup.rs)" >&2

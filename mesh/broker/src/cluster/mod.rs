@@ -449,14 +449,26 @@ impl Cluster {
     /// when the controller says the epoch was replaced.
     async fn broker_loop(self: Arc<Self>) {
         let mut last_ok = Instant::now();
+        let mut controller = None;
+        // The active controller fences a broker a lease after it last heard from it; a new
+        // controller first gives every broker a whole lease. Past that (and the longest
+        // election, so a controller failover alone does not trip it), this node has been
+        // fenced and other leaders elected: it stops leading. Until then only acks=all
+        // writes are safe, as everywhere (acks=1 writes the old leader takes are lost).
+        let threshold =
+            self.settings.lease + Duration::from_millis(self.settings.election_timeout_ms.1 * 2);
         loop {
             let ok = self.broker_round().await;
-            if ok {
+            let now_controller = {
+                let m = self.raft.metrics();
+                let m = m.borrow();
+                m.current_leader.map(|l| (l, m.current_term))
+            };
+            if ok || (now_controller.is_some() && now_controller != controller) {
                 last_ok = Instant::now();
             }
-            // No word from the controller for a lease: it has fenced this node (or will)
-            // and elected other leaders, so stop leading before two leaders take writes.
-            let isolated = !ok && last_ok.elapsed() > self.settings.lease;
+            controller = now_controller;
+            let isolated = !ok && last_ok.elapsed() > threshold;
             if self.isolated.send_if_modified(|i| {
                 let changed = *i != isolated;
                 *i = isolated;

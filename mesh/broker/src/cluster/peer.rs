@@ -57,10 +57,11 @@ impl PeerClient {
     }
 
     async fn connection(&self, addr: &str) -> Result<Connection, PeerError> {
-        let mut conns = self.conns.lock().await;
-        if let Some(c) = conns.get(addr) {
+        if let Some(c) = self.conns.lock().await.get(addr) {
             return Ok(c.clone());
         }
+        // Connect without holding the map: a dead peer's handshake must not hold up calls
+        // to the live ones (a controller election needs them at once).
         let c = self
             .endpoint
             .connect(addr, None)
@@ -69,6 +70,12 @@ impl PeerClient {
                 addr: addr.to_string(),
                 reason: e.to_string(),
             })?;
+        let mut conns = self.conns.lock().await;
+        // Two calls may have connected at once: keep the first, close the other.
+        if let Some(existing) = conns.get(addr) {
+            c.close(0, "duplicate");
+            return Ok(existing.clone());
+        }
         conns.insert(addr.to_string(), c.clone());
         Ok(c)
     }
