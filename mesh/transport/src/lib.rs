@@ -67,7 +67,9 @@ pub struct TransportSettings {
     pub initial_mtu: u16,
     /// Server only: connections beyond this many (including handshakes) are refused.
     pub max_connections: usize,
-    /// Client only: bound on name resolution plus the handshake.
+    /// Client only: bound on name resolution plus the handshake. QUIC gets no reset from a
+    /// dead process (an ICMP error is not acted on), so a dead node costs this much per
+    /// attempt: short enough for failover, long enough for a handshake across a WAN.
     pub connect_timeout_ms: u64,
     /// Bound on waiting for closed connections to drain in `shutdown`.
     pub shutdown_wait_ms: u64,
@@ -86,7 +88,7 @@ impl Default for TransportSettings {
             udp_buffer_bytes: 8 * MIB as usize,
             initial_mtu: 1200,
             max_connections: 1024,
-            connect_timeout_ms: 10_000,
+            connect_timeout_ms: 3_000,
             shutdown_wait_ms: 3_000,
         }
     }

@@ -74,7 +74,7 @@ pub struct ProducerConfig {
     pub retries_max: u32,
     /// Also retry attempts whose outcome is unknown (at-least-once: duplicates possible).
     pub retry_unknown_outcome: bool,
-    /// First retry backoff, ms (doubles, up to 2 s).
+    /// First retry backoff, ms (doubles, up to 1 s, as Kafka's KIP-580 default).
     pub retry_backoff_ms: u64,
 }
 
@@ -750,7 +750,7 @@ async fn send_request(
             .config
             .retry_backoff_ms
             .saturating_mul(1 << attempts.min(5))
-            .min(2_000);
+            .min(1_000);
         tracing::debug!(batches = retry.len(), error = %retry[0].1, backoff_ms = backoff, "retrying produce");
         tokio::time::sleep(Duration::from_millis(backoff)).await;
         if let Ok(mut st) = inner.state.lock() {

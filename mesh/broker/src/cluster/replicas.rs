@@ -365,14 +365,14 @@ async fn follow(cluster: Weak<Cluster>, replica: Arc<Replica>) {
         fetch.encode(&mut w);
         let peers = cluster.peers.clone();
         drop(cluster);
-        let call = peers
-            .call(
-                &leader_addr,
-                PeerApi::ReplicaFetch,
-                &w.into_bytes(),
-                Duration::from_secs(10),
-            )
-            .await;
+        // A new partition state (another leader, most often after this one died) ends the
+        // wait at once: the fetch to a dead leader would otherwise hold the follower for the
+        // whole call timeout.
+        let body = w.into_bytes();
+        let call = tokio::select! {
+            r = peers.call(&leader_addr, PeerApi::ReplicaFetch, &body, Duration::from_secs(10)) => r,
+            _ = state.changed() => continue,
+        };
         let answer = match call {
             Ok((ErrorCode::None, body)) => ReplicaFetchResponse::decode(&mut Reader::new(body))
                 .map_err(|e| format!("bad answer: {e}")),
