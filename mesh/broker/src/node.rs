@@ -623,7 +623,10 @@ async fn dispatch(
         }
         ApiKey::ListTopics => {
             decode::<ListTopicsRequest>(body)?;
-            one(&handlers::list_topics(broker))
+            match &shared.cluster {
+                Some(c) => one(&crate::cluster::admin::list_topics(c, broker)),
+                None => one(&handlers::list_topics(broker)),
+            }
         }
         ApiKey::DescribeTopics => one(&handlers::describe_topics(broker, decode(body)?).await),
         ApiKey::AlterTopic => one(&handlers::alter_topic(broker, decode(body)?).await),

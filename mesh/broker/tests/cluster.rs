@@ -275,11 +275,26 @@ fn three_nodes_form_a_cluster_place_topics_and_survive_losing_the_controller() {
         for p in s.partitions.iter().filter(|p| p.topic == "spread") {
             assert_eq!(p.replicas.len(), 2);
         }
-        // Every node answers metadata from its own copy.
+        // Every node answers metadata (and topic listings) from its own copy, whether it
+        // hosts the topic or not.
+        c.create_topic("one-replica", 1, &[]).await.unwrap();
         for id in 1..=3 {
-            let m = cluster.client(id).await.metadata(None).await.unwrap();
-            assert_eq!(m.brokers.len(), 3, "node {id} lists every broker");
-            assert!(m.topics.iter().any(|t| t.name == "spread"));
+            let client = cluster.client(id).await;
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let m = client.metadata(None).await.unwrap();
+                let listed = client.list_topics().await.unwrap();
+                let names: BTreeSet<&str> = listed.iter().map(|t| t.name.as_str()).collect();
+                if m.brokers.len() == 3
+                    && m.topics.iter().any(|t| t.name == "one-replica")
+                    && names.contains("spread")
+                    && names.contains("one-replica")
+                {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "node {id}: {m:?} {names:?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
         s.controller
     });

@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use quiver_proto::messages::{
     BrokerInfo, CreateTopicsRequest, CreateTopicsResponse, DeleteTopicsRequest,
-    DeleteTopicsResponse, MetadataRequest, MetadataResponse, PartitionMetadata, Status,
-    TopicMetadata, TopicResult,
+    DeleteTopicsResponse, ListTopicsResponse, MetadataRequest, MetadataResponse, PartitionMetadata,
+    Status, TopicListing, TopicMetadata, TopicResult,
 };
 use quiver_proto::{ErrorCode, TopicName};
 
@@ -80,6 +80,31 @@ pub fn metadata(cluster: &Cluster, req: MetadataRequest) -> MetadataResponse {
             topics: names.into_iter().map(describe).collect(),
         }
     })
+}
+
+/// Every topic of the cluster's metadata (not only those hosted here), sorted by name, with
+/// the node's own internal topics.
+pub fn list_topics(cluster: &Cluster, broker: &Broker) -> ListTopicsResponse {
+    let mut topics: Vec<TopicListing> = cluster.read(|a| {
+        a.metadata
+            .control
+            .topics()
+            .map(|(n, p)| TopicListing {
+                name: n.to_string(),
+                partitions: p.len() as u32,
+            })
+            .collect()
+    });
+    for (name, t) in broker.topics() {
+        if node_local(name.as_str()) {
+            topics.push(TopicListing {
+                name: name.to_string(),
+                partitions: t.config.partitions,
+            });
+        }
+    }
+    topics.sort_by(|a, b| a.name.cmp(&b.name));
+    ListTopicsResponse { topics }
 }
 
 /// Creates topics through the controller: settings are resolved here, placement is the
