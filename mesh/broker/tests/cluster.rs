@@ -402,116 +402,232 @@ fn three_nodes_form_a_cluster_place_topics_and_survive_losing_the_controller() {
     }
 }
 
+/// Creates `topic` with `partitions` partitions, three replicas, min ISR 2 and fsync before
+/// acknowledging, and waits for every partition's full ISR.
+async fn create_replicated(cluster: &Cluster, topic: &str, partitions: u32) {
+    cluster
+        .wait_status(1, "three live members", |s| {
+            live(s).len() == 3 && s.controller != 0
+        })
+        .await;
+    cluster
+        .client(1)
+        .await
+        .create_topic(
+            topic,
+            partitions,
+            &[
+                ("replication.factor".into(), "3".into()),
+                ("min.insync.replicas".into(), "2".into()),
+                ("flush.policy".into(), "batch".into()),
+            ],
+        )
+        .await
+        .unwrap();
+    cluster
+        .wait_status(1, "full ISRs", |s| full_isr(s, topic))
+        .await;
+}
+
+/// A paced acks=all producer of sequence-numbered records (`record-SEQ`, partition SEQ mod
+/// `partitions`). It retries attempts of unknown outcome (at-least-once: duplicates are
+/// possible and counted by the tests) and keeps one request in flight, so acknowledged
+/// records of a partition are stored in send order. About 5,000 records a second at most and
+/// capped, so every run is bounded.
+struct Writer {
+    acked: Arc<Mutex<BTreeMap<u64, (u32, u64)>>>,
+    failed: Arc<std::sync::atomic::AtomicU64>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<u64>,
+}
+
+impl Writer {
+    fn start(
+        rt: &tokio::runtime::Runtime,
+        client: Client,
+        topic: &'static str,
+        partitions: u32,
+    ) -> Writer {
+        let acked: Arc<Mutex<BTreeMap<u64, (u32, u64)>>> = Arc::default();
+        let failed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let producer = {
+            let _g = rt.enter();
+            Producer::new(
+                client,
+                ProducerConfig {
+                    acks: Acks::All,
+                    linger_ms: 2,
+                    in_flight_max: 1,
+                    retries_max: 100,
+                    retry_unknown_outcome: true,
+                    retry_backoff_ms: 100,
+                    request_timeout_ms: 5_000,
+                    ..ProducerConfig::default()
+                },
+            )
+        };
+        let task = {
+            let (acked, failed, stop) = (acked.clone(), failed.clone(), stop.clone());
+            rt.spawn(async move {
+                let mut seq = 0u64;
+                let mut waiting = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) && seq < 1_000_000 {
+                    let record = ProducerRecord::new(topic, format!("record-{seq}"))
+                        .partition((seq % u64::from(partitions)) as u32);
+                    let d = producer.send(record).await.unwrap();
+                    let (acked, failed) = (acked.clone(), failed.clone());
+                    waiting.push(tokio::spawn(async move {
+                        match d.await {
+                            Ok(meta) => {
+                                acked
+                                    .lock()
+                                    .unwrap()
+                                    .insert(seq, (meta.partition, meta.offset.unwrap()));
+                            }
+                            Err(_) => {
+                                failed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            }
+                        }
+                    }));
+                    seq += 1;
+                    if seq.is_multiple_of(5) {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+                producer.flush().await.ok();
+                for w in waiting {
+                    let _ = tokio::time::timeout(Duration::from_secs(60), w).await;
+                }
+                seq
+            })
+        };
+        Writer {
+            acked,
+            failed,
+            stop,
+            task,
+        }
+    }
+
+    fn acked(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+
+    /// Waits (bounded) until `more` further records are acknowledged.
+    fn wait_more(&self, more: usize) {
+        let target = self.acked() + more;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.acked() < target {
+            assert!(
+                Instant::now() < deadline,
+                "the producer made no progress to {target}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Stops writing; returns (records sent, acknowledged seq -> place, failed count).
+    fn finish(self, rt: &tokio::runtime::Runtime) -> (u64, BTreeMap<u64, (u32, u64)>, u64) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let sent = rt
+            .block_on(async { tokio::time::timeout(Duration::from_secs(120), self.task).await })
+            .expect("the writer finished")
+            .unwrap();
+        let acked = self.acked.lock().unwrap().clone();
+        (
+            sent,
+            acked,
+            self.failed.load(std::sync::atomic::Ordering::SeqCst),
+        )
+    }
+}
+
+/// Every stored record of `topic` (partitions 0..`partitions`), read through a consumer that
+/// routes to the leaders, up to each partition's end.
+async fn read_back(client: Client, topic: &str, partitions: u32) -> BTreeMap<(u32, u64), String> {
+    let mut consumer = Consumer::new(client.clone(), topic, None, ConsumerConfig::default())
+        .await
+        .unwrap();
+    consumer.seek_all(SeekTo::Earliest).await.unwrap();
+    let mut ends = BTreeMap::new();
+    for p in 0..partitions {
+        ends.insert(p, client.list_offset(topic, p, -1).await.unwrap().unwrap());
+    }
+    let mut stored = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ends
+        .iter()
+        .any(|(p, e)| consumer.position(*p).unwrap() < *e)
+    {
+        assert!(Instant::now() < deadline, "could not read back to {ends:?}");
+        for r in consumer.poll().await.unwrap() {
+            stored.insert(
+                (r.partition, r.offset),
+                String::from_utf8(r.value.unwrap().to_vec()).unwrap(),
+            );
+        }
+    }
+    stored
+}
+
+/// Every acknowledged record is at its place with its content, offsets are dense, and
+/// acknowledged records of each partition are in send order. Returns the duplicates count.
+fn check_acknowledged(
+    acked: &BTreeMap<u64, (u32, u64)>,
+    stored: &BTreeMap<(u32, u64), String>,
+    partitions: u32,
+) -> usize {
+    for (seq, place) in acked {
+        let value = stored
+            .get(place)
+            .unwrap_or_else(|| panic!("acknowledged seq {seq} at {place:?} lost"));
+        assert_eq!(value, &format!("record-{seq}"), "content at {place:?}");
+    }
+    for p in 0..partitions {
+        let offsets: Vec<u64> = stored
+            .keys()
+            .filter(|(q, _)| *q == p)
+            .map(|(_, o)| *o)
+            .collect();
+        assert!(
+            offsets.iter().enumerate().all(|(i, o)| *o == i as u64),
+            "gap in partition {p}"
+        );
+        // `acked` is ordered by seq: offsets must grow with it.
+        let in_order: Vec<u64> = acked
+            .values()
+            .filter(|(q, _)| *q == p)
+            .map(|(_, o)| *o)
+            .collect();
+        assert!(
+            in_order.windows(2).all(|w| w[0] < w[1]),
+            "acknowledged records of partition {p} out of send order"
+        );
+    }
+    let mut copies: BTreeMap<&str, usize> = BTreeMap::new();
+    for v in stored.values() {
+        *copies.entry(v.as_str()).or_default() += 1;
+    }
+    copies.values().map(|c| c - 1).sum()
+}
+
 /// Item 7 of the cluster issue: acks=all records survive repeated SIGKILLs of the partition
-/// leader. A producer writes sequence-numbered records (at-least-once: it retries attempts of
-/// unknown outcome, so duplicates may appear and are counted); each cycle kills the leader of
-/// partition 0 mid-stream, lets the producer go on against the new leader, then restarts the
-/// node and waits for it to rejoin the ISR. At the end every acknowledged record is at its
-/// offset with its content, offsets are dense, and acknowledged records of a partition are in
-/// send order.
+/// leader. Each cycle kills the leader of partition 0 while the [`Writer`] writes, lets it go
+/// on against the new leader, then restarts the node and waits for it to rejoin the ISR. At
+/// the end every acknowledged record is where it was acknowledged (see
+/// [`check_acknowledged`]); duplicates from retries are counted and printed.
 #[test]
 fn acknowledged_records_survive_sigkill_of_the_leader_three_times() {
     let rt = runtime();
     let mut cluster = Cluster::start();
     let topic = "ledger";
-    rt.block_on(async {
-        cluster
-            .wait_status(1, "three live members", |s| {
-                live(s).len() == 3 && s.controller != 0
-            })
-            .await;
-        cluster
-            .client(1)
-            .await
-            .create_topic(
-                topic,
-                2,
-                &[
-                    ("replication.factor".into(), "3".into()),
-                    ("min.insync.replicas".into(), "2".into()),
-                    ("flush.policy".into(), "batch".into()),
-                ],
-            )
-            .await
-            .unwrap();
-        cluster
-            .wait_status(1, "full ISRs", |s| full_isr(s, topic))
-            .await;
-    });
-    let acked: Arc<Mutex<BTreeMap<u64, (u32, u64)>>> = Arc::default();
-    let failed = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    // The producer bootstraps from node 3's address list but routes to leaders itself.
-    let client = rt.block_on(cluster.client(3));
-    let producer = {
-        let _g = rt.enter();
-        Producer::new(
-            client,
-            ProducerConfig {
-                acks: Acks::All,
-                linger_ms: 2,
-                in_flight_max: 1,
-                retries_max: 50,
-                retry_unknown_outcome: true,
-                retry_backoff_ms: 100,
-                request_timeout_ms: 5_000,
-                ..ProducerConfig::default()
-            },
-        )
-    };
-    let writer = {
-        let (acked, failed, stop) = (acked.clone(), failed.clone(), stop.clone());
-        rt.spawn(async move {
-            let mut seq = 0u64;
-            let mut waiting = Vec::new();
-            // Paced (about 5,000 records a second at most) and capped, so the run is bounded.
-            while !stop.load(std::sync::atomic::Ordering::SeqCst) && seq < 1_000_000 {
-                let d = producer
-                    .send(
-                        ProducerRecord::new(topic, format!("record-{seq}"))
-                            .partition((seq % 2) as u32),
-                    )
-                    .await
-                    .unwrap();
-                let (acked, failed) = (acked.clone(), failed.clone());
-                waiting.push(tokio::spawn(async move {
-                    match d.await {
-                        Ok(meta) => {
-                            acked
-                                .lock()
-                                .unwrap()
-                                .insert(seq, (meta.partition, meta.offset.unwrap()));
-                        }
-                        Err(_) => {
-                            failed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                        }
-                    }
-                }));
-                seq += 1;
-                if seq.is_multiple_of(5) {
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
-            }
-            producer.flush().await.ok();
-            for w in waiting {
-                let _ = tokio::time::timeout(Duration::from_secs(60), w).await;
-            }
-            seq
-        })
-    };
-    let wait_acked = |n: usize| {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while acked.lock().unwrap().len() < n {
-            assert!(
-                Instant::now() < deadline,
-                "the producer made no progress to {n}"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    };
+    rt.block_on(create_replicated(&cluster, topic, 2));
+    // The producer bootstraps from node 3 but routes to the leaders itself.
+    let writer = Writer::start(&rt, rt.block_on(cluster.client(3)), topic, 2);
     let mut killed = Vec::new();
-    for cycle in 1..=3usize {
-        wait_acked(cycle * 2_000);
+    for _ in 1..=3 {
+        writer.wait_more(2_000);
         let leader = rt.block_on(async {
             let via = if cluster.nodes.iter().all(|n| n.child.is_some()) {
                 1
@@ -528,8 +644,6 @@ fn acknowledged_records_survive_sigkill_of_the_leader_three_times() {
         cluster.node(leader).kill();
         killed.push(leader);
         let survivor = (1..=3).find(|i| *i != leader).unwrap();
-        // Writes go on against the new leader while the old one is down.
-        let before = acked.lock().unwrap().len();
         rt.block_on(async {
             cluster
                 .wait_status(survivor, "a new leader for partition 0", |s| {
@@ -538,7 +652,8 @@ fn acknowledged_records_survive_sigkill_of_the_leader_three_times() {
                 })
                 .await;
         });
-        wait_acked(before + 1_000);
+        // Writes go on against the new leader while the old one is down.
+        writer.wait_more(1_000);
         cluster.node(leader).spawn();
         rt.block_on(async {
             cluster
@@ -548,78 +663,13 @@ fn acknowledged_records_survive_sigkill_of_the_leader_three_times() {
                 .await;
         });
     }
-    let now = acked.lock().unwrap().len();
-    wait_acked(now + 500);
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let sent = rt
-        .block_on(async { tokio::time::timeout(Duration::from_secs(120), writer).await })
-        .expect("the writer finished")
-        .unwrap();
-    let acked = acked.lock().unwrap().clone();
-    // Read everything back through a consumer that routes to the leaders.
-    let stored: BTreeMap<(u32, u64), String> = rt.block_on(async {
-        let client = cluster.client(2).await;
-        let mut consumer = Consumer::new(client.clone(), topic, None, ConsumerConfig::default())
-            .await
-            .unwrap();
-        consumer.seek_all(SeekTo::Earliest).await.unwrap();
-        let mut ends = BTreeMap::new();
-        for p in [0u32, 1] {
-            ends.insert(p, client.list_offset(topic, p, -1).await.unwrap().unwrap());
-        }
-        let mut stored = BTreeMap::new();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while ends
-            .iter()
-            .any(|(p, e)| consumer.position(*p).unwrap() < *e)
-        {
-            assert!(Instant::now() < deadline, "could not read back to {ends:?}");
-            for r in consumer.poll().await.unwrap() {
-                stored.insert(
-                    (r.partition, r.offset),
-                    String::from_utf8(r.value.unwrap().to_vec()).unwrap(),
-                );
-            }
-        }
-        stored
-    });
-    for (seq, place) in &acked {
-        let value = stored
-            .get(place)
-            .unwrap_or_else(|| panic!("acknowledged seq {seq} at {place:?} lost"));
-        assert_eq!(value, &format!("record-{seq}"), "content at {place:?}");
-    }
-    let mut copies: BTreeMap<&str, usize> = BTreeMap::new();
-    for v in stored.values() {
-        *copies.entry(v.as_str()).or_default() += 1;
-    }
-    let duplicates: usize = copies.values().map(|c| c - 1).sum();
-    for p in [0u32, 1] {
-        let offsets: Vec<u64> = stored
-            .keys()
-            .filter(|(q, _)| *q == p)
-            .map(|(_, o)| *o)
-            .collect();
-        assert!(
-            offsets.iter().enumerate().all(|(i, o)| *o == i as u64),
-            "gap in partition {p}"
-        );
-        // Acknowledged records of a partition sit in send order (one request in flight).
-        let mut by_seq: Vec<(u64, u64)> = acked
-            .iter()
-            .filter(|(_, (q, _))| *q == p)
-            .map(|(s, (_, o))| (*s, *o))
-            .collect();
-        by_seq.sort();
-        assert!(
-            by_seq.windows(2).all(|w| w[0].1 < w[1].1),
-            "acknowledged records of partition {p} out of send order"
-        );
-    }
+    writer.wait_more(500);
+    let (sent, acked, failed) = writer.finish(&rt);
+    let stored = rt.block_on(async { read_back(cluster.client(2).await, topic, 2).await });
+    let duplicates = check_acknowledged(&acked, &stored, 2);
     eprintln!(
-        "killed leaders {killed:?}; {sent} sent, {} acknowledged, {} failed, {} stored, {duplicates} duplicates from retries",
+        "killed leaders {killed:?}; {sent} sent, {} acknowledged, {failed} failed, {} stored, {duplicates} duplicates from retries",
         acked.len(),
-        failed.load(std::sync::atomic::Ordering::SeqCst),
         stored.len()
     );
     for n in &mut cluster.nodes {
@@ -738,94 +788,16 @@ fn an_isolated_leader_is_replaced_and_stops_accepting_writes() {
     let proxy = rt.block_on(Proxy::start(&ports));
     let mut cluster = Cluster::start_advertising(&ports, &proxy.fronts);
     let topic = "split";
-    rt.block_on(async {
-        cluster
-            .wait_status(1, "three live members", |s| {
-                live(s).len() == 3 && s.controller != 0
-            })
-            .await;
-        cluster
-            .client(1)
-            .await
-            .create_topic(
-                topic,
-                1,
-                &[
-                    ("replication.factor".into(), "3".into()),
-                    ("min.insync.replicas".into(), "2".into()),
-                    ("flush.policy".into(), "batch".into()),
-                ],
-            )
-            .await
-            .unwrap();
-        cluster
-            .wait_status(1, "full ISR", |s| full_isr(s, topic))
-            .await;
-    });
+    rt.block_on(create_replicated(&cluster, topic, 1));
     let leader = rt.block_on(async {
-        leader_of(
-            &cluster
-                .wait_status(1, "a leader", |s| leader_of(s, topic, 0) != 0)
-                .await,
-            topic,
-            0,
-        )
+        let s = cluster
+            .wait_status(1, "a leader", |s| leader_of(s, topic, 0) != 0)
+            .await;
+        leader_of(&s, topic, 0)
     });
     let other = (1..=3).find(|i| *i != leader).unwrap();
-    let acked: Arc<Mutex<BTreeMap<u64, u64>>> = Arc::default();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let client = rt.block_on(cluster.client(other));
-    let writer = {
-        let (acked, stop) = (acked.clone(), stop.clone());
-        let _g = rt.enter();
-        let producer = Producer::new(
-            client,
-            ProducerConfig {
-                acks: Acks::All,
-                linger_ms: 2,
-                in_flight_max: 1,
-                retries_max: 100,
-                retry_unknown_outcome: true,
-                request_timeout_ms: 4_000,
-                ..ProducerConfig::default()
-            },
-        );
-        rt.spawn(async move {
-            let mut seq = 0u64;
-            let mut waiting = Vec::new();
-            while !stop.load(std::sync::atomic::Ordering::SeqCst) && seq < 1_000_000 {
-                let d = producer
-                    .send(ProducerRecord::new(topic, format!("record-{seq}")))
-                    .await
-                    .unwrap();
-                let acked = acked.clone();
-                waiting.push(tokio::spawn(async move {
-                    if let Ok(m) = d.await {
-                        acked.lock().unwrap().insert(seq, m.offset.unwrap());
-                    }
-                }));
-                seq += 1;
-                if seq.is_multiple_of(5) {
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
-            }
-            producer.flush().await.ok();
-            for w in waiting {
-                let _ = tokio::time::timeout(Duration::from_secs(60), w).await;
-            }
-        })
-    };
-    let wait_acked = |n: usize| {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while acked.lock().unwrap().len() < n {
-            assert!(
-                Instant::now() < deadline,
-                "the producer made no progress to {n}"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    };
-    wait_acked(2_000);
+    let writer = Writer::start(&rt, rt.block_on(cluster.client(other)), topic, 1);
+    writer.wait_more(2_000);
     proxy.isolate(Some(leader));
     rt.block_on(async {
         cluster
@@ -835,10 +807,9 @@ fn an_isolated_leader_is_replaced_and_stops_accepting_writes() {
             })
             .await;
     });
-    let now = acked.lock().unwrap().len();
-    wait_acked(now + 1_000);
+    writer.wait_more(1_000);
     // The old leader, asked directly by a client, refuses writes once it has gone a lease
-    // without reaching the controller.
+    // (and the longest election) without reaching the controller.
     rt.block_on(async {
         let c = cluster.client(leader).await;
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -875,51 +846,19 @@ fn an_isolated_leader_is_replaced_and_stops_accepting_writes() {
             })
             .await;
     });
-    let now = acked.lock().unwrap().len();
-    wait_acked(now + 500);
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    rt.block_on(async { tokio::time::timeout(Duration::from_secs(120), writer).await })
-        .expect("the writer finished")
-        .unwrap();
-    let acked = acked.lock().unwrap().clone();
-    // Read back from every replica's point of view: through the leader, the whole log.
-    let stored: BTreeMap<u64, String> = rt.block_on(async {
-        let client = cluster.client(leader).await;
-        let mut consumer = Consumer::new(client.clone(), topic, None, ConsumerConfig::default())
-            .await
-            .unwrap();
-        consumer.seek_all(SeekTo::Earliest).await.unwrap();
-        let end = client.list_offset(topic, 0, -1).await.unwrap().unwrap();
-        let mut stored = BTreeMap::new();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while consumer.position(0).unwrap() < end {
-            assert!(Instant::now() < deadline, "could not read back to {end}");
-            for r in consumer.poll().await.unwrap() {
-                stored.insert(
-                    r.offset,
-                    String::from_utf8(r.value.unwrap().to_vec()).unwrap(),
-                );
-            }
-        }
-        stored
-    });
-    for (seq, offset) in &acked {
-        assert_eq!(
-            stored.get(offset),
-            Some(&format!("record-{seq}")),
-            "acknowledged seq {seq} at offset {offset}"
-        );
-    }
-    assert!(
-        stored.keys().enumerate().all(|(i, o)| *o == i as u64),
-        "gap in the log"
-    );
+    writer.wait_more(500);
+    let (_, acked, _) = writer.finish(&rt);
+    // Read back through the old leader's address: the client routes to the new leader.
+    let stored = rt.block_on(async { read_back(cluster.client(leader).await, topic, 1).await });
+    let duplicates = check_acknowledged(&acked, &stored, 1);
+    // Anything the isolated leader took alone (acks=1 before it noticed) was truncated away
+    // when it rejoined as a follower of the new epoch.
     assert!(
         !stored.values().any(|v| v == "to the isolated node"),
-        "a write refused by the isolated leader is not in the log"
+        "a write the isolated leader took alone survived its truncation"
     );
     eprintln!(
-        "isolated leader {leader}; {} acknowledged, {} stored",
+        "isolated leader {leader}; {} acknowledged, {} stored, {duplicates} duplicates",
         acked.len(),
         stored.len()
     );
