@@ -344,12 +344,6 @@ impl ReplicaCore {
         self.state.leader == Some(self.id)
     }
 
-    /// What the leader knows of each follower: (node, log end, durable end), as last
-    /// reported.
-    pub fn follower_ends(&self) -> impl Iterator<Item = (NodeId, u64, u64)> + '_ {
-        self.progress.iter().map(|(n, p)| (*n, p.end, p.durable))
-    }
-
     /// Applies a partition state from the controller (ignores older ones).
     pub fn on_leader_and_isr(&mut self, s: &LeaderAndIsr, now_ms: u64, log: &impl LogView) {
         if (s.epoch, s.partition_epoch) <= (self.state.epoch, self.state.partition_epoch)

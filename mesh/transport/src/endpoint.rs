@@ -103,31 +103,20 @@ impl Server {
                 "this endpoint only accepts connections".into(),
             ));
         }
-        let server_name = match server_name {
-            Some(name) => name.to_owned(),
-            None => default_server_name(addr),
-        };
+        // The peer socket is bound to one family: only addresses of that family are reachable.
         let ipv6 = self
             .endpoint
             .local_addr()
             .map(|a| a.is_ipv6())
             .unwrap_or(false);
-        let attempt = async {
-            let remote = tokio::net::lookup_host(addr)
-                .await
-                .map_err(|e| TransportError::Resolve(format!("{addr}: {e}")))?
-                .find(|c| c.is_ipv6() == ipv6)
-                .ok_or_else(|| TransportError::Resolve(format!("{addr}: no reachable address")))?;
-            let connecting = self
-                .endpoint
-                .connect(remote, &server_name)
-                .map_err(|e| TransportError::Connect(e.to_string()))?;
-            let conn = connecting.await.map_err(connection_error)?;
-            Ok(Connection::new(conn))
-        };
-        tokio::time::timeout(self.connect_timeout, attempt)
-            .await
-            .map_err(|_| TransportError::Timeout)?
+        dial(
+            &self.endpoint,
+            addr,
+            server_name,
+            |c| c.is_ipv6() == ipv6,
+            self.connect_timeout,
+        )
+        .await
     }
 
     fn bind_with(
@@ -316,22 +305,16 @@ impl Client {
         addr: &str,
         server_name: Option<&str>,
     ) -> Result<Connection, TransportError> {
-        let server_name = match server_name {
-            Some(name) => name.to_owned(),
-            None => default_server_name(addr),
-        };
-        let attempt = async {
-            let remote = self.resolve(addr).await?;
-            let connecting = self
-                .endpoint
-                .connect(remote, &server_name)
-                .map_err(|e| TransportError::Connect(e.to_string()))?;
-            let conn = connecting.await.map_err(connection_error)?;
-            Ok(Connection::new(conn))
-        };
-        tokio::time::timeout(self.connect_timeout, attempt)
-            .await
-            .map_err(|_| TransportError::Timeout)?
+        // A v4-only socket cannot reach v6 addresses; a dual-stack one reaches both.
+        let ipv6 = self.ipv6;
+        dial(
+            &self.endpoint,
+            addr,
+            server_name,
+            |c| ipv6 || c.is_ipv4(),
+            self.connect_timeout,
+        )
+        .await
     }
 
     /// Close every connection of this endpoint with `code` and `reason`, and wait (bounded) for
@@ -341,20 +324,41 @@ impl Client {
             .close(VarInt::from_u32(code), reason.as_bytes());
         wait_idle(&self.endpoint, self.shutdown_wait).await;
     }
-
-    async fn resolve(&self, addr: &str) -> Result<SocketAddr, TransportError> {
-        let candidates = tokio::net::lookup_host(addr)
-            .await
-            .map_err(|e| TransportError::Resolve(format!("{addr}: {e}")))?;
-        // A v4-only socket cannot reach v6 addresses; a dual-stack one reaches both.
-        candidates
-            .into_iter()
-            .find(|candidate| self.ipv6 || candidate.is_ipv4())
-            .ok_or_else(|| TransportError::Resolve(format!("{addr}: no reachable address")))
-    }
 }
 
 /// The host part of "host:port" as a TLS name; IP literals map to "localhost".
+/// Resolves `addr` (taking the first address `reachable` accepts) and connects from
+/// `endpoint` with TLS server name `server_name` (default: the host part, or "localhost" for IP
+/// literals, matching development certificates); resolution and handshake are bounded by
+/// `timeout` together.
+async fn dial(
+    endpoint: &quinn::Endpoint,
+    addr: &str,
+    server_name: Option<&str>,
+    reachable: impl Fn(&SocketAddr) -> bool,
+    timeout: Duration,
+) -> Result<Connection, TransportError> {
+    let server_name = match server_name {
+        Some(name) => name.to_owned(),
+        None => default_server_name(addr),
+    };
+    let attempt = async {
+        let remote = tokio::net::lookup_host(addr)
+            .await
+            .map_err(|e| TransportError::Resolve(format!("{addr}: {e}")))?
+            .find(|c| reachable(c))
+            .ok_or_else(|| TransportError::Resolve(format!("{addr}: no reachable address")))?;
+        let connecting = endpoint
+            .connect(remote, &server_name)
+            .map_err(|e| TransportError::Connect(e.to_string()))?;
+        let conn = connecting.await.map_err(connection_error)?;
+        Ok(Connection::new(conn))
+    };
+    tokio::time::timeout(timeout, attempt)
+        .await
+        .map_err(|_| TransportError::Timeout)?
+}
+
 fn default_server_name(addr: &str) -> String {
     let host = addr.rsplit_once(':').map_or(addr, |(host, _port)| host);
     let host = host.trim_start_matches('[').trim_end_matches(']');
