@@ -289,7 +289,8 @@ impl Broker {
     }
 
     /// Hosts the partitions `config.hosted` names of a topic the controller placed (cluster
-    /// mode): creates the topic locally, or opens partitions newly placed here. Idempotent.
+    /// mode): creates the topic locally, opens partitions newly placed here and deletes the
+    /// replicas it no longer names. Idempotent.
     pub async fn host_topic(
         &self,
         name: &TopicName,
@@ -316,6 +317,15 @@ impl Broker {
                             Some(Partition::open(name.clone(), PartitionId(p), dir, config).await?);
                     }
                 }
+                // Replicas moved off this node: out of the table first, then their files (a
+                // crash in between leaves a directory the next start moves aside).
+                let hosted: Vec<u32> = config.hosted_partitions().collect();
+                let mut removed = Vec::new();
+                for (p, slot) in partitions.iter_mut().enumerate() {
+                    if slot.is_some() && !hosted.contains(&(p as u32)) {
+                        removed.extend(slot.take());
+                    }
+                }
                 self.catalog.update(name, config)?;
                 self.topics.insert(
                     name.clone(),
@@ -324,6 +334,18 @@ impl Broker {
                         partitions,
                     }),
                 );
+                for p in removed {
+                    p.begin_delete();
+                    p.close().await;
+                    let gone = match p.mark_deleted().await {
+                        Ok(()) => p.remove_files().await,
+                        Err(e) => Err(e),
+                    };
+                    match gone {
+                        Ok(()) => tracing::info!(topic = %name, partition = p.id().0, "replica removed from this node"),
+                        Err(e) => tracing::warn!(topic = %name, partition = p.id().0, error = %e, "could not remove a replica moved away; tidied at the next start"),
+                    }
+                }
                 tracing::info!(topic = %name, hosted = ?config.hosted, "hosted partitions changed");
             }
             Some(_) => {}

@@ -101,6 +101,8 @@ pub fn single_node_status(broker: &Broker, advertised: &str) -> ClusterStatusRes
                 leader_epoch: 0,
                 replicas: vec![broker.node_id()],
                 isr: vec![broker.node_id()],
+                adding: Vec::new(),
+                removing: Vec::new(),
             })
         })
         .collect();

@@ -564,6 +564,20 @@ enum Body {
     },
 }
 
+/// `not_in_cluster` for each partition of a cluster-only request to a node alone.
+fn alone(partitions: impl Iterator<Item = (String, u32)>) -> Vec<PartitionResult> {
+    partitions
+        .map(|(topic, partition)| PartitionResult {
+            topic,
+            partition,
+            status: Status::err(
+                ErrorCode::NotInCluster,
+                "this node runs alone: partitions have no other replicas",
+            ),
+        })
+        .collect()
+}
+
 async fn dispatch(
     shared: &Shared,
     api: ApiKey,
@@ -619,6 +633,24 @@ async fn dispatch(
             match &shared.cluster {
                 Some(c) => one(&c.status()),
                 None => one(&handlers::single_node_status(broker, &shared.advertised)),
+            }
+        }
+        ApiKey::ReassignPartitions => {
+            let req: ReassignPartitionsRequest = decode(body)?;
+            match &shared.cluster {
+                Some(c) => one(&crate::cluster::admin::reassign_partitions(c, req).await),
+                None => one(&ReassignPartitionsResponse {
+                    results: alone(req.partitions.into_iter().map(|p| (p.topic, p.partition))),
+                }),
+            }
+        }
+        ApiKey::ElectLeaders => {
+            let req: ElectLeadersRequest = decode(body)?;
+            match &shared.cluster {
+                Some(c) => one(&crate::cluster::admin::elect_leaders(c, req).await),
+                None => one(&ElectLeadersResponse {
+                    results: alone(req.partitions.into_iter()),
+                }),
             }
         }
         ApiKey::ListTopics => {

@@ -59,6 +59,12 @@ pub struct TopicConfig {
     /// The controller's id of the topic (cluster mode): the log index of its creation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub topic_id: Option<u64>,
+    /// Per hosted partition, the metadata index this node had applied when it began hosting
+    /// it (cluster mode). A replica is deleted for a placement that leaves this node out only
+    /// once the node has applied past this index, so a node replaying an older part of the
+    /// metadata log never deletes a replica it was given later.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub hosted_since: std::collections::BTreeMap<u32, u64>,
 }
 
 fn one() -> u16 {
@@ -137,6 +143,7 @@ impl TopicConfig {
             min_insync_replicas: 1,
             hosted: None,
             topic_id: None,
+            hosted_since: Default::default(),
         }
     }
 

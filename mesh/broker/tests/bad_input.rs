@@ -37,11 +37,13 @@ use quiver_proto::batch::CRC_START;
 use quiver_proto::codec::Reader;
 use quiver_proto::messages::{
     Acks, AlterTopicRequest, ApiVersionsRequest, ApiVersionsResponse, ClusterStatusRequest,
-    CreateTopicsRequest, DeleteTopicsRequest, DescribeTopicsRequest, FetchPartition, FetchRequest,
+    CreateTopicsRequest, DeleteTopicsRequest, DescribeTopicsRequest, ElectLeadersRequest,
+    FetchPartition, FetchRequest,
     FetchResponse, FetchTopic, LATEST_TIMESTAMP, ListOffsetsRequest, ListTopicsRequest, Message,
     MetadataRequest, PipelineControlRequest, PipelineCreateRequest, PipelineDeleteRequest,
     PipelineListRequest, PluginDeployRequest, PluginListRequest, PluginRemoveRequest,
-    ProducePartition, ProduceRequest, ProduceResponse, ProduceTopic, Status, TransportProbeRequest,
+    ProducePartition, ProduceRequest, ProduceResponse, ProduceTopic, ReassignPartitionsRequest,
+    Status, TransportProbeRequest,
 };
 use quiver_proto::{ApiKey, BatchBuilder, Compression, ErrorCode, RequestHeader, ResponseHeader};
 use quiver_transport::{
@@ -1113,6 +1115,8 @@ fn body_decodes(api: ApiKey, version: u16, body: Bytes) -> bool {
         ApiKey::DescribeTopics => DescribeTopicsRequest::from_bytes(body).is_ok(),
         ApiKey::AlterTopic => AlterTopicRequest::from_bytes(body).is_ok(),
         ApiKey::ClusterStatus => ClusterStatusRequest::from_bytes(body).is_ok(),
+        ApiKey::ReassignPartitions => ReassignPartitionsRequest::from_bytes(body).is_ok(),
+        ApiKey::ElectLeaders => ElectLeadersRequest::from_bytes(body).is_ok(),
         ApiKey::Produce => ProduceRequest::from_bytes(body).is_ok(),
         ApiKey::Fetch => FetchRequest::from_bytes_version(body, version).is_ok(),
         ApiKey::ListOffsets => ListOffsetsRequest::from_bytes(body).is_ok(),

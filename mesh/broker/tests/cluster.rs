@@ -20,7 +20,7 @@ use quiver_client::{
     Acks, Client, ClientConfig, Consumer, ConsumerConfig, Producer, ProducerConfig, ProducerRecord,
     SeekTo,
 };
-use quiver_proto::messages::{ClusterStatusResponse, MemberState};
+use quiver_proto::messages::{ClusterStatusResponse, MemberState, PartitionLeadership};
 
 const QUIVER: &str = env!("CARGO_BIN_EXE_quiver");
 
@@ -109,6 +109,30 @@ struct Cluster {
 }
 
 impl Cluster {
+    /// Runs the `quiver` CLI against node `via`; returns (success, stdout + stderr).
+    fn cli(&self, via: u32, args: &[&str]) -> (bool, String) {
+        let out = Command::new(QUIVER)
+            .args(args)
+            .args(["--server", &self.nodes[via as usize - 1].addr])
+            .arg("--ca")
+            .arg(&self.ca)
+            .output()
+            .expect("run the CLI");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+
+    /// Where node `id` keeps partition `partition` of `topic`.
+    fn partition_dir(&self, id: u32, topic: &str, partition: u32) -> PathBuf {
+        PathBuf::from(&self.nodes[id as usize - 1].args[4])
+            .join("topics")
+            .join(format!("{topic}-{partition}"))
+    }
+
     /// Three nodes, all controller voters, with fast leases so failover is quick.
     fn start() -> Cluster {
         let ports: Vec<u16> = (0..3).map(|_| free_udp_port()).collect();
@@ -225,6 +249,17 @@ fn leader_of(s: &ClusterStatusResponse, topic: &str, partition: u32) -> u32 {
         .iter()
         .find(|p| p.topic == topic && p.partition == partition)
         .map_or(0, |p| p.leader)
+}
+
+fn partition<'a>(
+    s: &'a ClusterStatusResponse,
+    topic: &str,
+    partition: u32,
+) -> &'a PartitionLeadership {
+    s.partitions
+        .iter()
+        .find(|p| p.topic == topic && p.partition == partition)
+        .expect("the partition is in the status")
 }
 
 fn full_isr(s: &ClusterStatusResponse, topic: &str) -> bool {
@@ -405,6 +440,12 @@ fn three_nodes_form_a_cluster_place_topics_and_survive_losing_the_controller() {
 /// Creates `topic` with `partitions` partitions, three replicas, min ISR 2 and fsync before
 /// acknowledging, and waits for every partition's full ISR.
 async fn create_replicated(cluster: &Cluster, topic: &str, partitions: u32) {
+    create_topic(cluster, topic, partitions, 3, 2).await;
+}
+
+/// Creates `topic` with `rf` replicas per partition and `min_isr`, fsync before
+/// acknowledging, once all three nodes are live; waits for every partition's full ISR.
+async fn create_topic(cluster: &Cluster, topic: &str, partitions: u32, rf: u16, min_isr: u16) {
     cluster
         .wait_status(1, "three live members", |s| {
             live(s).len() == 3 && s.controller != 0
@@ -417,8 +458,8 @@ async fn create_replicated(cluster: &Cluster, topic: &str, partitions: u32) {
             topic,
             partitions,
             &[
-                ("replication.factor".into(), "3".into()),
-                ("min.insync.replicas".into(), "2".into()),
+                ("replication.factor".into(), rf.to_string()),
+                ("min.insync.replicas".into(), min_isr.to_string()),
                 ("flush.policy".into(), "batch".into()),
             ],
         )
@@ -862,6 +903,155 @@ fn an_isolated_leader_is_replaced_and_stops_accepting_writes() {
         acked.len(),
         stored.len()
     );
+    for n in &mut cluster.nodes {
+        n.stop();
+    }
+}
+
+/// Item 8 of the cluster issue: `quiver partition reassign` moves a partition from nodes
+/// {1, 2} to {3, 2} while an acks=all producer keeps writing. Node 3 copies the log and joins
+/// the ISR, leadership leaves node 1 (removed), node 1 deletes its replica, and every
+/// acknowledged record is still there, in order. Refusals get their own codes.
+#[test]
+fn a_partition_moves_to_new_replicas_while_a_producer_writes() {
+    let rt = runtime();
+    let mut cluster = Cluster::start();
+    let topic = "moving";
+    // One partition on [1, 2] (placement starts at the first live node).
+    rt.block_on(create_topic(&cluster, topic, 1, 2, 2));
+    let s = rt.block_on(cluster.wait_status(1, "a leader", |s| leader_of(s, topic, 0) != 0));
+    assert_eq!(partition(&s, topic, 0).replicas, vec![1, 2]);
+    assert!(cluster.partition_dir(1, topic, 0).exists());
+    assert!(!cluster.partition_dir(3, topic, 0).exists());
+    let writer = Writer::start(&rt, rt.block_on(cluster.client(2)), topic, 1);
+    writer.wait_more(3_000);
+    let (ok, out) = cluster.cli(
+        2,
+        &["partition", "reassign", "moving/0", "--replicas", "3,2", "--wait"],
+    );
+    assert!(ok, "reassign failed: {out}");
+    let s = rt.block_on(cluster.wait_status(3, "the move applied on node 3", |s| {
+        partition(s, topic, 0).replicas == vec![3, 2]
+    }));
+    let p = partition(&s, topic, 0);
+    assert_eq!((p.leader, p.isr.clone()), (3, vec![2, 3]), "{p:?}");
+    assert!(p.adding.is_empty() && p.removing.is_empty());
+    // Writes go on against the new leader; the removed replica's files go.
+    writer.wait_more(1_000);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while cluster.partition_dir(1, topic, 0).exists() {
+        assert!(Instant::now() < deadline, "node 1 kept the replica moved away");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Refusals.
+    let (ok, out) = cluster.cli(1, &["partition", "reassign", "moving/0", "--replicas", "3,9"]);
+    assert!(!ok && out.contains("invalid_replica_assignment"), "{out}");
+    let (ok, out) = cluster.cli(1, &["partition", "reassign", "moving/0", "--replicas", "3,3"]);
+    assert!(!ok && out.contains("invalid_replica_assignment"), "{out}");
+    let (ok, out) = cluster.cli(1, &["partition", "reassign", "moving/0", "--cancel"]);
+    assert!(!ok && out.contains("no_reassignment_in_progress"), "{out}");
+    let (ok, out) = cluster.cli(1, &["partition", "reassign", "moving/7", "--replicas", "1"]);
+    assert!(!ok && out.contains("unknown_topic_or_partition"), "{out}");
+    let (ok, out) = cluster.cli(1, &["partition", "reassign", "moving", "--replicas", "1"]);
+    assert!(!ok && out.contains("TOPIC/PARTITION"), "{out}");
+    writer.wait_more(500);
+    let (sent, acked, failed) = writer.finish(&rt);
+    let stored = rt.block_on(async { read_back(cluster.client(1).await, topic, 1).await });
+    let duplicates = check_acknowledged(&acked, &stored, 1);
+    eprintln!(
+        "moved [1, 2] -> [3, 2] while writing: {sent} sent, {} acknowledged, {failed} failed, {} stored, {duplicates} duplicates",
+        acked.len(),
+        stored.len()
+    );
+    for n in &mut cluster.nodes {
+        n.stop();
+    }
+}
+
+/// Writes `n` records `PREFIX-i` to partition 0 with acks=all, each acknowledged before the
+/// next is sent.
+async fn write_all(client: Client, topic: &str, prefix: &str, n: usize) {
+    let producer = Producer::new(
+        client,
+        ProducerConfig {
+            acks: Acks::All,
+            linger_ms: 0,
+            retries_max: 50,
+            retry_backoff_ms: 100,
+            ..ProducerConfig::default()
+        },
+    );
+    for i in 0..n {
+        let record = ProducerRecord::new(topic, format!("{prefix}-{i}")).partition(0);
+        producer
+            .send(record)
+            .await
+            .unwrap()
+            .await
+            .unwrap_or_else(|e| panic!("{prefix}-{i} not acknowledged: {e}"));
+    }
+}
+
+/// Item 4 of the cluster issue: no unclean election unless an operator asks for it. A
+/// partition on [1, 2] with min ISR 1 loses follower 2 (the ISR shrinks to {1}), takes more
+/// writes, then loses leader 1 as node 2 comes back: the partition goes offline and stays
+/// so, since 2 is out of sync. `quiver partition elect --unclean` makes 2 the leader;
+/// what only 1 held is lost, as the operator accepted. When 1 returns it truncates to 2's
+/// log and rejoins the ISR, and a preferred election gives it back leadership.
+#[test]
+fn an_operator_elects_an_unclean_leader_and_then_the_preferred_one() {
+    let rt = runtime();
+    let mut cluster = Cluster::start();
+    let topic = "fragile";
+    rt.block_on(create_topic(&cluster, topic, 1, 2, 1));
+    let s = rt.block_on(cluster.wait_status(3, "a leader", |s| leader_of(s, topic, 0) == 1));
+    assert_eq!(partition(&s, topic, 0).replicas, vec![1, 2]);
+    rt.block_on(async { write_all(cluster.client(3).await, topic, "both", 50).await });
+    // The follower dies: its lease runs out and it leaves the ISR.
+    cluster.node(2).kill();
+    rt.block_on(cluster.wait_status(3, "the ISR shrunk to {1}", |s| {
+        partition(s, topic, 0).isr == vec![1]
+    }));
+    rt.block_on(async { write_all(cluster.client(3).await, topic, "alone", 50).await });
+    // The leader dies: no in-sync replica is left. Node 2 comes back at once (the controller
+    // needs two of its three voters to fence node 1), but cannot catch up from a dead leader.
+    cluster.node(1).kill();
+    cluster.node(2).spawn();
+    rt.block_on(cluster.wait_status(3, "node 2 live, the partition offline", |s| {
+        live(s).contains(&2) && !live(s).contains(&1) && leader_of(s, topic, 0) == 0
+    }));
+    // Out of sync, node 2 is never elected by itself.
+    std::thread::sleep(Duration::from_secs(3));
+    let s = rt.block_on(cluster.wait_status(3, "a status", |_| true));
+    assert_eq!(leader_of(&s, topic, 0), 0, "an unclean election nobody asked for");
+    let (ok, out) = cluster.cli(3, &["partition", "elect", "fragile/0", "--preferred"]);
+    assert!(!ok && out.contains("eligible_leaders_not_available"), "{out}");
+    let (ok, out) = cluster.cli(3, &["partition", "elect", "fragile/0", "--unclean"]);
+    assert!(ok, "unclean election failed: {out}");
+    let s = rt.block_on(cluster.wait_status(3, "node 2 leads", |s| leader_of(s, topic, 0) == 2));
+    assert_eq!(partition(&s, topic, 0).isr, vec![2]);
+    let (ok, out) = cluster.cli(3, &["partition", "elect", "fragile/0", "--unclean"]);
+    assert!(!ok && out.contains("election_not_needed"), "{out}");
+    rt.block_on(async { write_all(cluster.client(3).await, topic, "after", 50).await });
+    // Node 1 returns, truncates what only it held, and catches up.
+    cluster.node(1).spawn();
+    rt.block_on(cluster.wait_status(3, "node 1 back in the ISR", |s| {
+        partition(s, topic, 0).isr == vec![1, 2]
+    }));
+    let (ok, out) = cluster.cli(3, &["partition", "elect", "fragile/0", "--preferred"]);
+    assert!(ok, "preferred election failed: {out}");
+    rt.block_on(cluster.wait_status(3, "node 1 leads again", |s| {
+        leader_of(s, topic, 0) == 1
+    }));
+    let (ok, out) = cluster.cli(3, &["partition", "elect", "fragile/0", "--preferred"]);
+    assert!(!ok && out.contains("election_not_needed"), "{out}");
+    let stored = rt.block_on(async { read_back(cluster.client(1).await, topic, 1).await });
+    let values: Vec<&str> = stored.values().map(String::as_str).collect();
+    let expected: Vec<String> = (0..50)
+        .map(|i| format!("both-{i}"))
+        .chain((0..50).map(|i| format!("after-{i}")))
+        .collect();
+    assert_eq!(values, expected, "the log after the unclean election");
     for n in &mut cluster.nodes {
         n.stop();
     }

@@ -8,6 +8,12 @@
 //!   committed data, so the partition stays offline until it returns.
 //! - An ISR change is a compare-and-set on the partition epoch, by the current leader only
 //!   (KIP-497): a deposed leader cannot shrink the ISR to itself.
+//! - A reassignment (KIP-455) first grows the replicas to target + removing; the new replicas
+//!   copy the log as followers and join the ISR through the leader; once every target replica
+//!   is in sync, the replicas become the target and leadership leaves a removed leader.
+//! - An operator may ask for an election: *preferred* moves leadership back to the first
+//!   replica when it is in sync; *unclean* makes an out-of-sync replica leader of a partition
+//!   with no live in-sync replica, accepting the loss of what only the ISR held.
 
 use std::collections::BTreeSet;
 
@@ -28,11 +34,39 @@ pub enum IsrError {
     Invalid,
 }
 
+/// Why an operator's election or reassignment was refused.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OperatorError {
+    /// The partition already has the leader the election would give it.
+    ElectionNotNeeded(String),
+    /// No replica can be elected by the rule asked for.
+    EligibleLeadersNotAvailable(String),
+    /// The replica list is empty, repeats a broker, names an unknown broker, or would leave
+    /// no in-sync replica.
+    InvalidAssignment(String),
+    /// A cancellation, but no reassignment is in progress.
+    NoReassignmentInProgress,
+}
+
+/// A partition's reassignment in progress.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reassignment {
+    /// The replicas before it, in their order (a cancellation restores them).
+    pub original: Vec<NodeId>,
+    /// Replicas being added (in the replicas, not yet in sync at the start).
+    pub adding: Vec<NodeId>,
+    /// Replicas to be removed once every target replica is in sync.
+    pub removing: Vec<NodeId>,
+}
+
 /// The controller's view of one partition.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PartitionControl {
     replicas: Vec<NodeId>,
     state: LeaderAndIsr,
+    /// A reassignment in progress; `replicas` is then target + removing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    reassignment: Option<Reassignment>,
     /// Leaders per epoch, for checking (at most one per epoch by construction); not kept in
     /// snapshots.
     #[serde(skip)]
@@ -53,6 +87,7 @@ impl PartitionControl {
             history: leader.map(|l| (1, l)).into_iter().collect(),
             replicas,
             state,
+            reassignment: None,
         }
     }
 
@@ -69,6 +104,171 @@ impl PartitionControl {
     /// Leaders by epoch, in order.
     pub fn history(&self) -> &[(Epoch, NodeId)] {
         &self.history
+    }
+
+    /// The reassignment in progress, if any.
+    pub fn reassignment(&self) -> Option<&Reassignment> {
+        self.reassignment.as_ref()
+    }
+
+    /// The replicas before the reassignment in progress (the replicas when none is).
+    fn original(&self) -> Vec<NodeId> {
+        match &self.reassignment {
+            Some(r) => r.original.clone(),
+            None => self.replicas.clone(),
+        }
+    }
+
+    fn set_leader(&mut self, leader: NodeId) {
+        self.state.epoch += 1;
+        self.state.partition_epoch += 1;
+        self.state.leader = Some(leader);
+        self.history.push((self.state.epoch, leader));
+    }
+
+    /// Replaces the replica set by `replicas`, keeping the ISR members among them and moving
+    /// leadership off a leader that is not in it.
+    fn set_replicas(
+        &mut self,
+        replicas: Vec<NodeId>,
+        reassignment: Option<Reassignment>,
+        live: &BTreeSet<NodeId>,
+    ) -> Result<(), OperatorError> {
+        let isr: BTreeSet<NodeId> = self
+            .state
+            .isr
+            .iter()
+            .copied()
+            .filter(|n| replicas.contains(n))
+            .collect();
+        if isr.is_empty() {
+            return Err(OperatorError::InvalidAssignment(format!(
+                "replicas {replicas:?} would leave no in-sync replica (ISR {:?})",
+                self.state.isr
+            )));
+        }
+        self.replicas = replicas;
+        self.reassignment = reassignment;
+        self.state.isr = isr;
+        self.state.partition_epoch += 1;
+        if self.state.leader.is_some_and(|l| !self.replicas.contains(&l)) {
+            self.elect(live);
+        }
+        Ok(())
+    }
+
+    /// Starts moving the partition to `target` (KIP-455): the replicas become target +
+    /// removing; the new ones copy the log and join the ISR through the leader. A
+    /// reassignment in progress is replaced (its original replicas stay the base). Completes
+    /// at once when every target replica is already in sync. Brokers are checked by the
+    /// caller.
+    pub fn reassign(
+        &mut self,
+        target: &[NodeId],
+        live: &BTreeSet<NodeId>,
+    ) -> Result<(), OperatorError> {
+        let distinct: BTreeSet<NodeId> = target.iter().copied().collect();
+        if target.is_empty() || distinct.len() != target.len() {
+            return Err(OperatorError::InvalidAssignment(format!(
+                "replicas {target:?} must be a non-empty list of distinct brokers"
+            )));
+        }
+        let original = self.original();
+        let adding: Vec<NodeId> = target
+            .iter()
+            .copied()
+            .filter(|n| !original.contains(n))
+            .collect();
+        let removing: Vec<NodeId> = original
+            .iter()
+            .copied()
+            .filter(|n| !target.contains(n))
+            .collect();
+        let mut replicas = target.to_vec();
+        replicas.extend(&removing);
+        if self.reassignment.is_none() && replicas == self.replicas {
+            return Ok(());
+        }
+        let moving = !(adding.is_empty() && removing.is_empty());
+        self.set_replicas(
+            replicas,
+            moving.then_some(Reassignment {
+                original,
+                adding,
+                removing,
+            }),
+            live,
+        )?;
+        self.try_complete(live);
+        Ok(())
+    }
+
+    /// Cancels the reassignment in progress: back to the original replicas.
+    pub fn cancel_reassignment(&mut self, live: &BTreeSet<NodeId>) -> Result<(), OperatorError> {
+        if self.reassignment.is_none() {
+            return Err(OperatorError::NoReassignmentInProgress);
+        }
+        let original = self.original();
+        self.set_replicas(original, None, live)
+    }
+
+    /// Ends a reassignment whose target replicas are all in sync: the removed replicas go,
+    /// and a removed leader hands over to the first live target replica. Returns whether it
+    /// completed.
+    fn try_complete(&mut self, live: &BTreeSet<NodeId>) -> bool {
+        let Some(r) = &self.reassignment else {
+            return false;
+        };
+        let target: Vec<NodeId> = self
+            .replicas
+            .iter()
+            .copied()
+            .filter(|n| !r.removing.contains(n))
+            .collect();
+        if !target.iter().all(|n| self.state.isr.contains(n)) {
+            return false;
+        }
+        // Cannot fail: the target is non-empty and in sync.
+        self.set_replicas(target, None, live).is_ok()
+    }
+
+    /// An operator's preferred-leader election: the first replica leads again, if it is
+    /// live and in sync and does not lead already.
+    pub fn elect_preferred(&mut self, live: &BTreeSet<NodeId>) -> Result<(), OperatorError> {
+        let preferred = self.replicas[0];
+        if self.state.leader == Some(preferred) {
+            return Err(OperatorError::ElectionNotNeeded(format!(
+                "the preferred replica {preferred} leads already"
+            )));
+        }
+        if !self.state.isr.contains(&preferred) || !live.contains(&preferred) {
+            return Err(OperatorError::EligibleLeadersNotAvailable(format!(
+                "the preferred replica {preferred} is not live and in sync"
+            )));
+        }
+        self.set_leader(preferred);
+        Ok(())
+    }
+
+    /// An operator's unclean election, for a partition without a leader: the first live
+    /// replica leads, out of sync or not, and the ISR restarts with it alone. What only the
+    /// old ISR held (up to everything acknowledged since the new leader fell behind) is lost;
+    /// the old ISR members truncate to the new leader's log when they return.
+    pub fn elect_unclean(&mut self, live: &BTreeSet<NodeId>) -> Result<(), OperatorError> {
+        if let Some(l) = self.state.leader {
+            return Err(OperatorError::ElectionNotNeeded(format!(
+                "replica {l} leads; an unclean election is only for a partition without a leader"
+            )));
+        }
+        let Some(candidate) = self.replicas.iter().copied().find(|r| live.contains(r)) else {
+            return Err(OperatorError::EligibleLeadersNotAvailable(format!(
+                "no replica of {:?} is live",
+                self.replicas
+            )));
+        };
+        self.state.isr = [candidate].into();
+        self.set_leader(candidate);
+        Ok(())
     }
 
     fn elect(&mut self, live: &BTreeSet<NodeId>) {
@@ -133,6 +333,7 @@ impl PartitionControl {
         }
         self.state.isr = p.isr.clone();
         self.state.partition_epoch += 1;
+        self.try_complete(live);
         Ok(())
     }
 }
@@ -179,6 +380,129 @@ mod tests {
         let epochs: Vec<Epoch> = c.history().iter().map(|(e, _)| *e).collect();
         assert!(epochs.windows(2).all(|w| w[0] < w[1]), "{epochs:?}");
     }
+
+    fn add_to_isr(c: &mut PartitionControl, n: NodeId, live: &BTreeSet<NodeId>) {
+        let s = c.state().clone();
+        let mut isr = s.isr.clone();
+        isr.insert(n);
+        let p = IsrProposal {
+            leader: s.leader.unwrap(),
+            epoch: s.epoch,
+            partition_epoch: s.partition_epoch,
+            isr,
+        };
+        c.on_isr_proposal(&p, live).unwrap();
+    }
+
+    #[test]
+    fn a_reassignment_grows_the_replicas_then_completes_once_the_target_is_in_sync() {
+        let live: BTreeSet<NodeId> = [1, 2, 3, 4].into();
+        let mut c = PartitionControl::new(vec![1, 2, 3]);
+        c.reassign(&[4, 2, 3], &live).unwrap();
+        assert_eq!(c.replicas(), &[4, 2, 3, 1]);
+        assert_eq!(
+            c.reassignment(),
+            Some(&Reassignment {
+                original: vec![1, 2, 3],
+                adding: vec![4],
+                removing: vec![1]
+            })
+        );
+        assert_eq!(c.state().leader, Some(1), "the old leader leads until the move ends");
+        assert_eq!(c.state().isr, [1, 2, 3].into());
+        // 4 has caught up: the leader adds it, the move completes and 1, removed, hands over.
+        add_to_isr(&mut c, 4, &live);
+        assert_eq!(c.replicas(), &[4, 2, 3]);
+        assert!(c.reassignment().is_none());
+        assert_eq!(c.state().isr, [2, 3, 4].into());
+        assert_eq!((c.state().leader, c.state().epoch), (Some(4), 2));
+        // Asking for what is already there changes nothing.
+        let pe = c.state().partition_epoch;
+        c.reassign(&[4, 2, 3], &live).unwrap();
+        assert_eq!(c.state().partition_epoch, pe);
+        // Shrinking to replicas in sync completes at once; the leader stays.
+        c.reassign(&[4, 3], &live).unwrap();
+        assert_eq!((c.replicas(), c.reassignment()), (&[4, 3][..], None));
+        assert_eq!(c.state().isr, [3, 4].into());
+        assert_eq!(c.state().leader, Some(4));
+        // A move to 1 cancelled before 1 caught up: back to [4, 3], 1 never in the ISR.
+        c.reassign(&[1, 3], &live).unwrap();
+        assert_eq!(c.replicas(), &[1, 3, 4]);
+        c.cancel_reassignment(&live).unwrap();
+        assert_eq!((c.replicas(), c.reassignment()), (&[4, 3][..], None));
+        assert_eq!(c.state().isr, [3, 4].into());
+        assert_eq!(
+            c.cancel_reassignment(&live),
+            Err(OperatorError::NoReassignmentInProgress)
+        );
+        // A second move replaces one in progress, from the same original replicas.
+        c.reassign(&[1, 2], &live).unwrap();
+        c.reassign(&[4, 1], &live).unwrap();
+        assert_eq!(c.replicas(), &[4, 1, 3]);
+        assert_eq!(
+            c.reassignment(),
+            Some(&Reassignment {
+                original: vec![4, 3],
+                adding: vec![1],
+                removing: vec![3]
+            })
+        );
+        for bad in [&[][..], &[1, 1][..]] {
+            assert!(matches!(
+                c.reassign(bad, &live),
+                Err(OperatorError::InvalidAssignment(_))
+            ));
+        }
+        let epochs: Vec<Epoch> = c.history().iter().map(|(e, _)| *e).collect();
+        assert!(epochs.windows(2).all(|w| w[0] < w[1]), "{epochs:?}");
+    }
+
+    #[test]
+    fn operators_elect_the_preferred_leader_or_an_unclean_one() {
+        // Preferred: 1 lost leadership; once back in sync it can lead again.
+        let mut c = PartitionControl::new(vec![1, 2, 3]);
+        c.on_fenced(1, &[2, 3].into());
+        let live: BTreeSet<NodeId> = [1, 2, 3].into();
+        c.on_unfenced(1, &live);
+        assert_eq!(c.state().leader, Some(2));
+        assert!(matches!(
+            c.elect_preferred(&live),
+            Err(OperatorError::EligibleLeadersNotAvailable(_))
+        ));
+        add_to_isr(&mut c, 1, &live);
+        c.elect_preferred(&live).unwrap();
+        assert_eq!((c.state().leader, c.state().epoch), (Some(1), 3));
+        assert!(matches!(
+            c.elect_preferred(&live),
+            Err(OperatorError::ElectionNotNeeded(_))
+        ));
+        // Unclean: the ISR shrank to 1, then 1 died; 2 is live but out of sync.
+        let mut c = PartitionControl::new(vec![1, 2]);
+        let shrink = IsrProposal {
+            leader: 1,
+            epoch: 1,
+            partition_epoch: 1,
+            isr: [1].into(),
+        };
+        c.on_isr_proposal(&shrink, &[1, 2].into()).unwrap();
+        assert!(matches!(
+            c.elect_unclean(&[1, 2].into()),
+            Err(OperatorError::ElectionNotNeeded(_))
+        ));
+        c.on_fenced(1, &[2].into());
+        assert_eq!(c.state().leader, None, "no clean candidate: offline");
+        assert!(matches!(
+            c.elect_unclean(&BTreeSet::new()),
+            Err(OperatorError::EligibleLeadersNotAvailable(_))
+        ));
+        c.elect_unclean(&[2].into()).unwrap();
+        assert_eq!(c.state().leader, Some(2));
+        assert_eq!(c.state().isr, [2].into());
+        assert_eq!(c.state().epoch, 3);
+        // 1 returns: 2 keeps leading; 1 follows (and truncates) like any other follower.
+        assert!(!c.on_unfenced(1, &[1, 2].into()));
+        assert_eq!(c.state().leader, Some(2));
+    }
 }
 
 /// A broker as the controller knows it.
@@ -214,6 +538,8 @@ pub enum ClusterError {
     UnknownPartition,
     /// An ISR change was refused.
     Isr(IsrError),
+    /// An operator's election or reassignment was refused.
+    Operator(OperatorError),
 }
 
 /// The controller's whole state, as the Raft log will hold it: brokers with epochs and
@@ -428,6 +754,59 @@ impl ClusterControl {
             })
             .collect();
         self.topics.insert(name.to_string(), parts);
+        self.version += 1;
+        Ok(())
+    }
+
+    fn partition_mut(
+        &mut self,
+        topic: &str,
+        partition: u32,
+    ) -> Result<&mut PartitionControl, ClusterError> {
+        self.topics
+            .get_mut(topic)
+            .and_then(|t| t.get_mut(partition as usize))
+            .ok_or(ClusterError::UnknownPartition)
+    }
+
+    /// An operator's reassignment of one partition to `target` (every broker registered,
+    /// fenced or not), or with `None` the cancellation of the one in progress.
+    pub fn reassign(
+        &mut self,
+        topic: &str,
+        partition: u32,
+        target: Option<&[NodeId]>,
+    ) -> Result<(), ClusterError> {
+        let live = self.live();
+        if let Some(unknown) = target
+            .into_iter()
+            .flatten()
+            .find(|n| !self.brokers.contains_key(n))
+        {
+            return Err(ClusterError::Operator(OperatorError::InvalidAssignment(
+                format!("broker {unknown} is not registered"),
+            )));
+        }
+        let part = self.partition_mut(topic, partition)?;
+        match target {
+            Some(t) => part.reassign(t, &live),
+            None => part.cancel_reassignment(&live),
+        }
+        .map_err(ClusterError::Operator)?;
+        self.version += 1;
+        Ok(())
+    }
+
+    /// An operator's leader election for one partition: preferred, or unclean.
+    pub fn elect(&mut self, topic: &str, partition: u32, unclean: bool) -> Result<(), ClusterError> {
+        let live = self.live();
+        let part = self.partition_mut(topic, partition)?;
+        if unclean {
+            part.elect_unclean(&live)
+        } else {
+            part.elect_preferred(&live)
+        }
+        .map_err(ClusterError::Operator)?;
         self.version += 1;
         Ok(())
     }

@@ -386,6 +386,12 @@ impl ReplicaCore {
         self.on_log_change(log);
     }
 
+    /// Forgets followers that are no longer replicas (a reassignment removed them), so none
+    /// is proposed for the ISR again.
+    pub fn retain_followers(&mut self, replicas: &[NodeId]) {
+        self.progress.retain(|n, _| replicas.contains(n));
+    }
+
     /// Whether a produce may be appended now, and the epoch to stamp it with.
     pub fn check_produce(&self) -> Result<Epoch, ProduceError> {
         if !self.is_leader() {

@@ -29,6 +29,9 @@ pub enum ErrorCode {
     InvalidConfig,
     /// The replication factor is 0 or larger than the number of live brokers.
     InvalidReplicationFactor,
+    /// A replica list is empty, repeats a broker, names a broker that is not registered, or
+    /// would leave a partition no in-sync replica.
+    InvalidReplicaAssignment,
     /// A batch failed its CRC check.
     CorruptBatch,
     /// A batch is structurally invalid (bad header, records, timestamps or attributes).
@@ -71,6 +74,14 @@ pub enum ErrorCode {
     StaleBrokerEpoch,
     /// The operation needs a cluster (the node runs alone).
     NotInCluster,
+    /// The election would not change the leader (the preferred replica leads already, or an
+    /// unclean election for a partition that has a leader).
+    ElectionNotNeeded,
+    /// No replica can be elected by the rule asked for (none live, or the preferred replica
+    /// not in sync).
+    EligibleLeadersNotAvailable,
+    /// A cancellation, but the partition is not being reassigned.
+    NoReassignmentInProgress,
     /// A code this client does not know (from a newer server).
     Unrecognized(u16),
 }
@@ -91,6 +102,7 @@ impl ErrorCode {
             ErrorCode::InvalidPartitions => 13,
             ErrorCode::InvalidConfig => 14,
             ErrorCode::InvalidReplicationFactor => 15,
+            ErrorCode::InvalidReplicaAssignment => 16,
             ErrorCode::CorruptBatch => 20,
             ErrorCode::InvalidBatch => 21,
             ErrorCode::RecordTooLarge => 22,
@@ -111,6 +123,9 @@ impl ErrorCode {
             ErrorCode::NotController => 80,
             ErrorCode::StaleBrokerEpoch => 81,
             ErrorCode::NotInCluster => 82,
+            ErrorCode::ElectionNotNeeded => 83,
+            ErrorCode::EligibleLeadersNotAvailable => 84,
+            ErrorCode::NoReassignmentInProgress => 85,
             ErrorCode::Unrecognized(c) => c,
         }
     }
@@ -130,6 +145,7 @@ impl ErrorCode {
             13 => ErrorCode::InvalidPartitions,
             14 => ErrorCode::InvalidConfig,
             15 => ErrorCode::InvalidReplicationFactor,
+            16 => ErrorCode::InvalidReplicaAssignment,
             20 => ErrorCode::CorruptBatch,
             21 => ErrorCode::InvalidBatch,
             22 => ErrorCode::RecordTooLarge,
@@ -150,6 +166,9 @@ impl ErrorCode {
             80 => ErrorCode::NotController,
             81 => ErrorCode::StaleBrokerEpoch,
             82 => ErrorCode::NotInCluster,
+            83 => ErrorCode::ElectionNotNeeded,
+            84 => ErrorCode::EligibleLeadersNotAvailable,
+            85 => ErrorCode::NoReassignmentInProgress,
             c => ErrorCode::Unrecognized(c),
         }
     }
@@ -169,6 +188,7 @@ impl ErrorCode {
             ErrorCode::InvalidPartitions => "invalid_partitions",
             ErrorCode::InvalidConfig => "invalid_config",
             ErrorCode::InvalidReplicationFactor => "invalid_replication_factor",
+            ErrorCode::InvalidReplicaAssignment => "invalid_replica_assignment",
             ErrorCode::CorruptBatch => "corrupt_batch",
             ErrorCode::InvalidBatch => "invalid_batch",
             ErrorCode::RecordTooLarge => "record_too_large",
@@ -189,6 +209,9 @@ impl ErrorCode {
             ErrorCode::NotController => "not_controller",
             ErrorCode::StaleBrokerEpoch => "stale_broker_epoch",
             ErrorCode::NotInCluster => "not_in_cluster",
+            ErrorCode::ElectionNotNeeded => "election_not_needed",
+            ErrorCode::EligibleLeadersNotAvailable => "eligible_leaders_not_available",
+            ErrorCode::NoReassignmentInProgress => "no_reassignment_in_progress",
             ErrorCode::Unrecognized(_) => "unrecognized",
         }
     }
@@ -220,6 +243,7 @@ impl ErrorCode {
         ErrorCode::InvalidPartitions,
         ErrorCode::InvalidConfig,
         ErrorCode::InvalidReplicationFactor,
+        ErrorCode::InvalidReplicaAssignment,
         ErrorCode::CorruptBatch,
         ErrorCode::InvalidBatch,
         ErrorCode::RecordTooLarge,
@@ -240,6 +264,9 @@ impl ErrorCode {
         ErrorCode::NotController,
         ErrorCode::StaleBrokerEpoch,
         ErrorCode::NotInCluster,
+        ErrorCode::ElectionNotNeeded,
+        ErrorCode::EligibleLeadersNotAvailable,
+        ErrorCode::NoReassignmentInProgress,
     ];
 }
 

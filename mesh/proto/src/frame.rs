@@ -40,6 +40,10 @@ pub enum ApiKey {
     AlterTopic,
     /// Members, controller and partition leadership of the cluster.
     ClusterStatus,
+    /// Move partitions to other replicas, or cancel a move (cluster mode).
+    ReassignPartitions,
+    /// Elect partition leaders on an operator's request: preferred or unclean (cluster mode).
+    ElectLeaders,
     /// Append record batches.
     Produce,
     /// Read record batches (long poll).
@@ -75,6 +79,8 @@ impl ApiKey {
         ApiKey::DescribeTopics,
         ApiKey::AlterTopic,
         ApiKey::ClusterStatus,
+        ApiKey::ReassignPartitions,
+        ApiKey::ElectLeaders,
         ApiKey::Produce,
         ApiKey::Fetch,
         ApiKey::ListOffsets,
@@ -99,6 +105,8 @@ impl ApiKey {
             ApiKey::DescribeTopics => 5,
             ApiKey::AlterTopic => 6,
             ApiKey::ClusterStatus => 7,
+            ApiKey::ReassignPartitions => 8,
+            ApiKey::ElectLeaders => 9,
             ApiKey::Produce => 10,
             ApiKey::Fetch => 11,
             ApiKey::ListOffsets => 12,

@@ -605,10 +605,14 @@ pub struct PartitionLeadership {
     pub leader: u32,
     /// Leader epoch.
     pub leader_epoch: u32,
-    /// Replicas in placement order.
+    /// Replicas in placement order (during a reassignment: target, then those leaving).
     pub replicas: Vec<u32>,
     /// In-sync replicas.
     pub isr: Vec<u32>,
+    /// Replicas a reassignment in progress adds.
+    pub adding: Vec<u32>,
+    /// Replicas a reassignment in progress removes once the target is in sync.
+    pub removing: Vec<u32>,
 }
 
 /// The cluster as the answering node's copy of the metadata log shows it.
@@ -662,6 +666,8 @@ impl Message for ClusterStatusResponse {
             w.u32(p.leader_epoch);
             put_vec(w, &p.replicas, |w, r| w.u32(*r));
             put_vec(w, &p.isr, |w, r| w.u32(*r));
+            put_vec(w, &p.adding, |w, r| w.u32(*r));
+            put_vec(w, &p.removing, |w, r| w.u32(*r));
         });
     }
     fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
@@ -699,8 +705,173 @@ impl Message for ClusterStatusResponse {
                     leader_epoch: r.u32("leader_epoch")?,
                     replicas: get_vec(r, "replicas", 4, |r| r.u32("replica"))?,
                     isr: get_vec(r, "isr", 4, |r| r.u32("isr"))?,
+                    adding: get_vec(r, "adding", 4, |r| r.u32("adding"))?,
+                    removing: get_vec(r, "removing", 4, |r| r.u32("removing"))?,
                 })
             })?,
+        })
+    }
+}
+
+/// One partition's reassignment: its new replicas (the first is the preferred leader), or
+/// `None` to cancel the one in progress.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartitionReassignment {
+    /// Topic.
+    pub topic: String,
+    /// Partition index.
+    pub partition: u32,
+    /// Target replicas; `None` cancels.
+    pub replicas: Option<Vec<u32>>,
+}
+
+/// Moves partitions to new replicas (KIP-455's model): the new replicas copy the log and join
+/// the ISR while the partition keeps serving; the old ones leave once the target is in sync.
+/// Answered once the controller committed the start of each move (not its end: watch
+/// ClusterStatus's `adding` and `removing`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReassignPartitionsRequest {
+    /// The moves.
+    pub partitions: Vec<PartitionReassignment>,
+}
+
+/// The outcome for one partition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartitionResult {
+    /// Topic.
+    pub topic: String,
+    /// Partition index.
+    pub partition: u32,
+    /// `Ok`, or why the partition's part was refused.
+    pub status: Status,
+}
+
+/// One result per requested partition, in request order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReassignPartitionsResponse {
+    /// Results.
+    pub results: Vec<PartitionResult>,
+}
+
+fn put_partition_results(w: &mut Writer, results: &[PartitionResult]) {
+    put_vec(w, results, |w, p| {
+        w.string(&p.topic);
+        w.u32(p.partition);
+        p.status.encode(w);
+    });
+}
+
+fn get_partition_results(r: &mut Reader) -> Result<Vec<PartitionResult>, DecodeError> {
+    get_vec(r, "results", 10, |r| {
+        Ok(PartitionResult {
+            topic: r.string("topic")?,
+            partition: r.u32("partition")?,
+            status: Status::decode(r)?,
+        })
+    })
+}
+
+impl Message for ReassignPartitionsRequest {
+    const API: ApiKey = ApiKey::ReassignPartitions;
+    fn encode(&self, w: &mut Writer) {
+        put_vec(w, &self.partitions, |w, p| {
+            w.string(&p.topic);
+            w.u32(p.partition);
+            match &p.replicas {
+                None => w.u8(0),
+                Some(rs) => {
+                    w.u8(1);
+                    put_vec(w, rs, |w, r| w.u32(*r));
+                }
+            }
+        });
+    }
+    fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
+        Ok(Self {
+            partitions: get_vec(r, "partitions", 7, |r| {
+                Ok(PartitionReassignment {
+                    topic: r.string("topic")?,
+                    partition: r.u32("partition")?,
+                    replicas: match r.u8("has_replicas")? {
+                        0 => None,
+                        1 => Some(get_vec(r, "replicas", 4, |r| r.u32("replica"))?),
+                        _ => return Err(DecodeError::Invalid("has_replicas")),
+                    },
+                })
+            })?,
+        })
+    }
+}
+
+impl Message for ReassignPartitionsResponse {
+    const API: ApiKey = ApiKey::ReassignPartitions;
+    fn encode(&self, w: &mut Writer) {
+        put_partition_results(w, &self.results);
+    }
+    fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
+        Ok(Self {
+            results: get_partition_results(r)?,
+        })
+    }
+}
+
+/// Which election an operator asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ElectionType {
+    /// The first replica leads again, if it is live and in sync.
+    Preferred = 0,
+    /// A partition without a leader (no live in-sync replica) gets the first live replica
+    /// as leader, out of sync or not: records only the old ISR held are lost.
+    Unclean = 1,
+}
+
+/// Elects leaders for partitions on an operator's request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ElectLeadersRequest {
+    /// The rule.
+    pub election: ElectionType,
+    /// `(topic, partition)` pairs.
+    pub partitions: Vec<(String, u32)>,
+}
+
+/// One result per requested partition, in request order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ElectLeadersResponse {
+    /// Results.
+    pub results: Vec<PartitionResult>,
+}
+
+impl Message for ElectLeadersRequest {
+    const API: ApiKey = ApiKey::ElectLeaders;
+    fn encode(&self, w: &mut Writer) {
+        w.u8(self.election as u8);
+        put_vec(w, &self.partitions, |w, (t, p)| {
+            w.string(t);
+            w.u32(*p);
+        });
+    }
+    fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
+        Ok(Self {
+            election: match r.u8("election")? {
+                0 => ElectionType::Preferred,
+                1 => ElectionType::Unclean,
+                _ => return Err(DecodeError::Invalid("election")),
+            },
+            partitions: get_vec(r, "partitions", 6, |r| {
+                Ok((r.string("topic")?, r.u32("partition")?))
+            })?,
+        })
+    }
+}
+
+impl Message for ElectLeadersResponse {
+    const API: ApiKey = ApiKey::ElectLeaders;
+    fn encode(&self, w: &mut Writer) {
+        put_partition_results(w, &self.results);
+    }
+    fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
+        Ok(Self {
+            results: get_partition_results(r)?,
         })
     }
 }
@@ -2016,6 +2187,65 @@ mod tests {
         roundtrip(AlterTopicResponse {
             status: Status::err(ErrorCode::InvalidConfig, "no"),
         });
+        roundtrip(ClusterStatusResponse {
+            status: Status::ok(),
+            node_id: 2,
+            controller: 1,
+            term: 7,
+            applied: 99,
+            members: vec![ClusterMember {
+                node_id: 1,
+                addr: "127.0.0.1:7400".into(),
+                peer_addr: "127.0.0.1:7401".into(),
+                role: RaftRole::Voter,
+                state: MemberState::Fenced,
+                broker_epoch: 4,
+            }],
+            partitions: vec![PartitionLeadership {
+                topic: "t".into(),
+                partition: 3,
+                leader: 1,
+                leader_epoch: 5,
+                replicas: vec![4, 2, 1],
+                isr: vec![1, 2],
+                adding: vec![4],
+                removing: vec![1],
+            }],
+        });
+        roundtrip(ReassignPartitionsRequest {
+            partitions: vec![
+                PartitionReassignment {
+                    topic: "t".into(),
+                    partition: 0,
+                    replicas: Some(vec![3, 1]),
+                },
+                PartitionReassignment {
+                    topic: "u".into(),
+                    partition: 9,
+                    replicas: None,
+                },
+            ],
+        });
+        let results = vec![
+            PartitionResult {
+                topic: "t".into(),
+                partition: 0,
+                status: Status::ok(),
+            },
+            PartitionResult {
+                topic: String::new(),
+                partition: 1,
+                status: Status::err(ErrorCode::InvalidReplicaAssignment, "no"),
+            },
+        ];
+        roundtrip(ReassignPartitionsResponse {
+            results: results.clone(),
+        });
+        roundtrip(ElectLeadersRequest {
+            election: ElectionType::Unclean,
+            partitions: vec![("t".into(), 0), ("u".into(), 4)],
+        });
+        roundtrip(ElectLeadersResponse { results });
         let spec = PipelineSpec {
             name: "errors".into(),
             from: "logs".into(),

@@ -81,6 +81,15 @@ pub enum ClientError {
     Closed,
 }
 
+/// The single partition result of a one-partition admin request.
+fn first_partition_result(results: Vec<PartitionResult>) -> Result<(), ClientError> {
+    match results.into_iter().next() {
+        Some(r) if r.status.is_ok() => Ok(()),
+        Some(r) => Err(ClientError::server(&r.status)),
+        None => Err(ClientError::Protocol("no result for the partition".into())),
+    }
+}
+
 impl ClientError {
     /// The protocol error code, when the server sent one.
     pub fn code(&self) -> Option<ErrorCode> {
@@ -648,6 +657,53 @@ impl Client {
     /// that runs alone answers with status `not_in_cluster` and itself as the only member).
     pub async fn cluster_status(&self) -> Result<ClusterStatusResponse, ClientError> {
         self.request(&ClusterStatusRequest, 0).await
+    }
+
+    /// Starts moving a partition to `replicas` (the first is its preferred leader), or with
+    /// `None` cancels the move in progress. Returns once the controller committed the start:
+    /// the new replicas then copy the log and the old ones leave when the new ones are in
+    /// sync ([`cluster_status`](Self::cluster_status) shows `adding` and `removing` until
+    /// then).
+    pub async fn reassign_partition(
+        &self,
+        topic: &str,
+        partition: u32,
+        replicas: Option<Vec<u32>>,
+    ) -> Result<(), ClientError> {
+        let r: ReassignPartitionsResponse = self
+            .request_once(
+                &ReassignPartitionsRequest {
+                    partitions: vec![PartitionReassignment {
+                        topic: topic.to_string(),
+                        partition,
+                        replicas,
+                    }],
+                },
+                0,
+            )
+            .await?;
+        first_partition_result(r.results)
+    }
+
+    /// Asks the controller for a leader election on one partition: the preferred replica,
+    /// or an unclean one (which may lose acknowledged records; only for a partition with no
+    /// live in-sync replica).
+    pub async fn elect_leader(
+        &self,
+        topic: &str,
+        partition: u32,
+        election: ElectionType,
+    ) -> Result<(), ClientError> {
+        let r: ElectLeadersResponse = self
+            .request_once(
+                &ElectLeadersRequest {
+                    election,
+                    partitions: vec![(topic.to_string(), partition)],
+                },
+                0,
+            )
+            .await?;
+        first_partition_result(r.results)
     }
 
     /// Settings and offsets of a topic.

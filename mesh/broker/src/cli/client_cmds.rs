@@ -71,6 +71,7 @@ pub async fn cluster(cmd: ClusterCommand) -> anyhow::Result<ExitCode> {
                         serde_json::json!({
                             "topic": p.topic, "partition": p.partition, "leader": p.leader,
                             "leader_epoch": p.leader_epoch, "replicas": p.replicas, "isr": p.isr,
+                            "adding": p.adding, "removing": p.removing,
                         })
                     })
                     .collect();
@@ -112,16 +113,21 @@ pub async fn cluster(cmd: ClusterCommand) -> anyhow::Result<ExitCode> {
             if !s.partitions.is_empty() {
                 println!();
                 println!(
-                    "{:<24} {:<9} {:<7} {:<6} {:<12} ISR",
-                    "TOPIC", "PARTITION", "LEADER", "EPOCH", "REPLICAS"
+                    "{:<24} {:<9} {:<7} {:<6} {:<12} {:<12} MOVING",
+                    "TOPIC", "PARTITION", "LEADER", "EPOCH", "REPLICAS", "ISR"
                 );
                 for p in &s.partitions {
                     let leader = match p.leader {
                         0 => "none".to_string(),
                         l => l.to_string(),
                     };
+                    let moving = if p.adding.is_empty() && p.removing.is_empty() {
+                        "-".to_string()
+                    } else {
+                        format!("+{} -{}", ids(&p.adding), ids(&p.removing))
+                    };
                     println!(
-                        "{:<24} {:<9} {:<7} {:<6} {:<12} {}",
+                        "{:<24} {:<9} {:<7} {:<6} {:<12} {:<12} {moving}",
                         p.topic,
                         p.partition,
                         leader,

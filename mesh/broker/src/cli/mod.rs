@@ -2,6 +2,7 @@
 //! `consume`) and the load generator (`perf`).
 
 mod client_cmds;
+mod partition_cmds;
 pub mod perf;
 mod pipeline_cmds;
 mod plugin_cmds;
@@ -34,6 +35,9 @@ enum Command {
     /// Inspect the cluster.
     #[command(subcommand)]
     Cluster(client_cmds::ClusterCommand),
+    /// Move partition replicas and elect leaders (cluster mode).
+    #[command(subcommand)]
+    Partition(partition_cmds::PartitionCommand),
     /// Produce one record per line of standard input.
     Produce(client_cmds::ProduceArgs),
     /// Print records of a topic.
@@ -160,6 +164,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve(args) => serve(args).await.map(|()| ExitCode::SUCCESS),
         Command::Topic(cmd) => client_cmds::topic(cmd).await,
         Command::Cluster(cmd) => client_cmds::cluster(cmd).await,
+        Command::Partition(cmd) => partition_cmds::partition(cmd).await,
         Command::Produce(args) => client_cmds::produce(args).await,
         Command::Consume(args) => client_cmds::consume(args).await,
         Command::Plugin(cmd) => plugin_cmds::plugin(cmd).await,

@@ -7,17 +7,29 @@ use std::sync::Arc;
 
 use quiver_proto::messages::{
     BrokerInfo, CreateTopicsRequest, CreateTopicsResponse, DeleteTopicsRequest,
-    DeleteTopicsResponse, ListTopicsResponse, MetadataRequest, MetadataResponse, PartitionMetadata,
-    Status, TopicListing, TopicMetadata, TopicResult,
+    DeleteTopicsResponse, ElectLeadersRequest, ElectLeadersResponse, ElectionType,
+    ListTopicsResponse, MetadataRequest, MetadataResponse, PartitionMetadata, PartitionResult,
+    ReassignPartitionsRequest, ReassignPartitionsResponse, Status, TopicListing, TopicMetadata,
+    TopicResult,
 };
 use quiver_proto::{ErrorCode, TopicName};
 
 use super::Cluster;
 use super::state::{Command, Outcome};
 use crate::broker::Broker;
+use crate::partition::Role;
 use crate::pipelines::Pipelines;
 use crate::topic_config::TopicConfig;
+use quiver_cluster::NodeId;
 use quiver_cluster::replication::LeaderAndIsr;
+
+/// A partition the metadata places on this node.
+struct Placed {
+    partition: u32,
+    state: LeaderAndIsr,
+    leader_addr: String,
+    replicas: Vec<NodeId>,
+}
 
 fn outcome_status(r: Result<Outcome, super::WriteError>) -> Status {
     match r {
@@ -162,6 +174,46 @@ pub async fn delete_topics(
     DeleteTopicsResponse { results }
 }
 
+/// Starts (or cancels) partition moves through the controller; each result says whether the
+/// controller committed the start of the move.
+pub async fn reassign_partitions(
+    cluster: &Cluster,
+    req: ReassignPartitionsRequest,
+) -> ReassignPartitionsResponse {
+    let mut results = Vec::with_capacity(req.partitions.len());
+    for p in req.partitions {
+        let command = Command::Reassign {
+            topic: p.topic.clone(),
+            partition: p.partition,
+            replicas: p.replicas,
+        };
+        results.push(PartitionResult {
+            topic: p.topic,
+            partition: p.partition,
+            status: outcome_status(cluster.write(command).await),
+        });
+    }
+    ReassignPartitionsResponse { results }
+}
+
+/// An operator's leader elections through the controller.
+pub async fn elect_leaders(cluster: &Cluster, req: ElectLeadersRequest) -> ElectLeadersResponse {
+    let mut results = Vec::with_capacity(req.partitions.len());
+    for (topic, partition) in req.partitions {
+        let command = Command::Elect {
+            topic: topic.clone(),
+            partition,
+            unclean: req.election == ElectionType::Unclean,
+        };
+        results.push(PartitionResult {
+            topic,
+            partition,
+            status: outcome_status(cluster.write(command).await),
+        });
+    }
+    ElectLeadersResponse { results }
+}
+
 /// Internal topics a node keeps for itself (its plugin logs), not placed by the controller.
 fn node_local(name: &str) -> bool {
     name.starts_with("__")
@@ -175,54 +227,58 @@ pub async fn reconcile(cluster: Arc<Cluster>, broker: Arc<Broker>) {
     let mut changes = cluster.changes();
     let mut isolation = cluster.isolation();
     loop {
+        type Wanted = (String, TopicConfig, Vec<Placed>);
         // What the metadata says, copied out of the lock.
-        type Wanted = (String, TopicConfig, Vec<(u32, LeaderAndIsr, String)>);
-        let (applied, wanted, wanted_counts): (u64, Vec<Wanted>, Vec<(String, u32)>) = cluster.read(|a| {
-            let applied = a.last_applied.map_or(0, |l| l.index);
-            let counts = a
-                .metadata
-                .control
-                .topics()
-                .map(|(n, p)| (n.to_string(), p.len() as u32))
-                .collect();
-            let wanted = a
-                .metadata
-                .control
-                .topics()
-                .filter_map(|(name, parts)| {
-                    let placed: Vec<(u32, LeaderAndIsr, String)> = parts
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, p)| p.replicas().contains(&me))
-                        .map(|(i, p)| {
-                            let s = p.state().clone();
-                            let addr = s
-                                .leader
-                                .and_then(|l| a.metadata.peer_addrs.get(&l).cloned())
-                                .unwrap_or_default();
-                            (i as u32, s, addr)
-                        })
-                        .collect();
-                    if placed.is_empty() {
-                        return None;
-                    }
-                    let mut config = TopicConfig::defaults(parts.len() as u32);
-                    let pairs: Vec<(String, String)> = a
-                        .metadata
-                        .configs
-                        .get(name)
-                        .map(|c| c.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-                        .unwrap_or_default();
-                    if let Err(e) = config.apply(&pairs) {
-                        tracing::warn!(topic = name, error = %e, "settings from the controller refused; using defaults");
-                    }
-                    config.hosted = Some(placed.iter().map(|(i, _, _)| *i).collect());
-                    config.topic_id = a.metadata.topic_ids.get(name).copied();
-                    Some((name.to_string(), config, placed))
-                })
-                .collect();
-            (applied, wanted, counts)
-        });
+        let (applied, wanted, wanted_counts): (u64, Vec<Wanted>, Vec<(String, u32)>) =
+            cluster.read(|a| {
+                let applied = a.last_applied.map_or(0, |l| l.index);
+                let counts = a
+                    .metadata
+                    .control
+                    .topics()
+                    .map(|(n, p)| (n.to_string(), p.len() as u32))
+                    .collect();
+                let wanted = a
+                    .metadata
+                    .control
+                    .topics()
+                    .map(|(name, parts)| {
+                        let placed: Vec<Placed> = parts
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, p)| p.replicas().contains(&me))
+                            .map(|(i, p)| {
+                                let s = p.state().clone();
+                                let addr = s
+                                    .leader
+                                    .and_then(|l| a.metadata.peer_addrs.get(&l).cloned())
+                                    .unwrap_or_default();
+                                Placed {
+                                    partition: i as u32,
+                                    state: s,
+                                    leader_addr: addr,
+                                    replicas: p.replicas().to_vec(),
+                                }
+                            })
+                            .collect();
+                        // A topic placed elsewhere only is kept too: replicas moved away from
+                        // here are deleted below.
+                        let mut config = TopicConfig::defaults(parts.len() as u32);
+                        let pairs: Vec<(String, String)> = a
+                            .metadata
+                            .configs
+                            .get(name)
+                            .map(|c| c.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+                            .unwrap_or_default();
+                        if let Err(e) = config.apply(&pairs) {
+                            tracing::warn!(topic = name, error = %e, "settings from the controller refused; using defaults");
+                        }
+                        config.topic_id = a.metadata.topic_ids.get(name).copied();
+                        (name.to_string(), config, placed)
+                    })
+                    .collect();
+                (applied, wanted, counts)
+            });
         // Local topics whose id the metadata no longer has: deleted (or deleted and created
         // again) while this node was away. Only once this copy has applied past the topic's
         // creation, so a copy still replaying its log never deletes anything.
@@ -253,25 +309,71 @@ pub async fn reconcile(cluster: Arc<Cluster>, broker: Arc<Broker>) {
         replicas.retain(|t, p| {
             wanted
                 .iter()
-                .any(|(n, _, placed)| n == t && placed.iter().any(|(i, _, _)| *i == p))
+                .any(|(n, _, placed)| n == t && placed.iter().any(|x| x.partition == p))
         });
-        for (name, config, placed) in &wanted {
-            let Ok(topic) = TopicName::new(name) else {
+        for (name, mut config, placed) in wanted {
+            let Ok(topic) = TopicName::new(&name) else {
                 continue;
             };
-            if let Err(e) = broker.host_topic(&topic, config).await {
+            let local = broker.topic(&name);
+            if placed.is_empty() && local.is_none() {
+                continue;
+            }
+            // Hosted: what is placed here, and replicas moved away that this copy of the
+            // metadata is too old to judge (still replaying the log after a restart).
+            let mut hosted: Vec<u32> = placed.iter().map(|x| x.partition).collect();
+            let mut since = local
+                .as_ref()
+                .map(|t| t.config.hosted_since.clone())
+                .unwrap_or_default();
+            let mut kept = Vec::new();
+            if let Some(t) = &local {
+                for (p, _) in t.hosted() {
+                    if !hosted.contains(&p) && applied < since.get(&p).copied().unwrap_or(0) {
+                        hosted.push(p);
+                        kept.push(p);
+                    }
+                }
+            }
+            since.retain(|p, _| hosted.contains(p));
+            for p in &hosted {
+                since.entry(*p).or_insert(applied);
+            }
+            hosted.sort_unstable();
+            if hosted.is_empty() {
+                // Every replica here moved away.
+                match broker.delete_topic(&name).await {
+                    Ok(()) => tracing::info!(topic = %name, "no replica left on this node"),
+                    Err(e) => tracing::warn!(topic = %name, error = %e, "cannot remove a topic whose replicas moved away"),
+                }
+                continue;
+            }
+            config.hosted = Some(hosted);
+            config.hosted_since = since;
+            if let Err(e) = broker.host_topic(&topic, &config).await {
                 tracing::warn!(topic = %name, error = %e, "cannot host placed partitions");
                 continue;
             }
-            for (p, state, leader_addr) in placed {
-                if let Ok(part) = broker.partition(name, *p) {
+            for x in placed {
+                if let Ok(part) = broker.partition(&name, x.partition) {
                     replicas.update(
                         &cluster,
                         &part,
-                        state.clone(),
-                        leader_addr.clone(),
+                        x.state,
+                        x.leader_addr,
+                        &x.replicas,
                         usize::from(config.min_insync_replicas),
                     );
+                }
+            }
+            for p in kept {
+                if let Ok(part) = broker.partition(&name, p) {
+                    let epoch = match part.role() {
+                        Role::Leader { epoch }
+                        | Role::Follower { epoch, .. }
+                        | Role::Offline { epoch } => epoch,
+                    };
+                    part.set_role(Role::Offline { epoch });
                 }
             }
         }

@@ -782,6 +782,14 @@ impl Cluster {
                             leader_epoch: p.state().epoch,
                             replicas: p.replicas().to_vec(),
                             isr: p.state().isr.iter().copied().collect(),
+                            adding: p
+                                .reassignment()
+                                .map(|r| r.adding.clone())
+                                .unwrap_or_default(),
+                            removing: p
+                                .reassignment()
+                                .map(|r| r.removing.clone())
+                                .unwrap_or_default(),
                         })
                 })
                 .collect();

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use dashmap::DashMap;
+use quiver_cluster::NodeId;
 use quiver_cluster::replication::{FetchAnswer, FetchRequest, LeaderAndIsr, ReplicaCore, Settings};
 use quiver_proto::codec::{Reader, Writer};
 use quiver_proto::peer::{PeerApi, ReplicaFetchRequest, ReplicaFetchResponse};
@@ -95,6 +96,7 @@ impl Replicas {
         partition: &Arc<Partition>,
         state: LeaderAndIsr,
         leader_addr: String,
+        replicas: &[NodeId],
         min_insync: usize,
     ) {
         let key = (partition.topic().to_string(), partition.id().0);
@@ -138,6 +140,7 @@ impl Replicas {
         {
             let mut core = replica.core();
             core.on_leader_and_isr(&state, now_ms(), &partition.snapshot());
+            core.retain_followers(replicas);
             replica.publish(&core);
         }
         if partition.set_role(role) {
@@ -192,13 +195,26 @@ impl Replicas {
             );
         };
         // A fetch of a replaced incarnation (KIP-380): its log state is not the new one's.
-        let registered = cluster.read(|a| {
-            a.metadata
-                .control
-                .brokers()
-                .get(&f.replica)
-                .map(|b| b.epoch)
+        let (registered, is_replica) = cluster.read(|a| {
+            let control = &a.metadata.control;
+            (
+                control.brokers().get(&f.replica).map(|b| b.epoch),
+                control
+                    .partition(&f.topic, f.partition)
+                    .is_some_and(|p| p.replicas().contains(&f.replica)),
+            )
         });
+        // A node the partition was moved away from (or not yet moved to, in this node's
+        // copy of the metadata) does not fetch: it would count as a follower.
+        if !is_replica {
+            return PeerAnswer::err(
+                ErrorCode::NotLeader,
+                &format!(
+                    "node {} is not a replica of {}/{} in this node's metadata",
+                    f.replica, f.topic, f.partition
+                ),
+            );
+        }
         if registered != Some(f.broker_epoch) {
             return PeerAnswer::err(
                 ErrorCode::StaleBrokerEpoch,

@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 
 use quiver_cluster::NodeId;
-use quiver_cluster::controller::{ClusterControl, ClusterError};
+use quiver_cluster::controller::{ClusterControl, ClusterError, OperatorError};
 use quiver_cluster::replication::IsrProposal;
 use quiver_proto::ErrorCode;
 use serde::{Deserialize, Serialize};
@@ -65,6 +65,26 @@ pub enum Command {
     DeleteTopic {
         /// Name.
         name: String,
+    },
+    /// An operator moves a partition to new replicas, or (`replicas: None`) cancels the move
+    /// in progress.
+    Reassign {
+        /// Topic.
+        topic: String,
+        /// Partition.
+        partition: u32,
+        /// Target replicas, the first the preferred leader.
+        replicas: Option<Vec<NodeId>>,
+    },
+    /// An operator asks for a leader election: the preferred replica, or (`unclean`) any
+    /// live replica of a partition without a leader.
+    Elect {
+        /// Topic.
+        topic: String,
+        /// Partition.
+        partition: u32,
+        /// Unclean rather than preferred.
+        unclean: bool,
     },
     /// A partition leader's ISR change (compare-and-set on the partition epoch).
     AlterIsr {
@@ -175,6 +195,25 @@ impl Metadata {
                 Ok(()) => Outcome::Done,
                 Err(e) => refusal(e),
             },
+            Command::Reassign {
+                topic,
+                partition,
+                replicas,
+            } => match self
+                .control
+                .reassign(topic, *partition, replicas.as_deref())
+            {
+                Ok(()) => Outcome::Done,
+                Err(e) => refusal(e),
+            },
+            Command::Elect {
+                topic,
+                partition,
+                unclean,
+            } => match self.control.elect(topic, *partition, *unclean) {
+                Ok(()) => Outcome::Done,
+                Err(e) => refusal(e),
+            },
         }
     }
 }
@@ -208,6 +247,21 @@ fn refusal(e: ClusterError) -> Outcome {
             ErrorCode::InvalidRequest,
             format!("ISR change refused: {e:?}"),
         ),
+        ClusterError::Operator(e) => match e {
+            OperatorError::ElectionNotNeeded(m) => {
+                Outcome::refused(ErrorCode::ElectionNotNeeded, m)
+            }
+            OperatorError::EligibleLeadersNotAvailable(m) => {
+                Outcome::refused(ErrorCode::EligibleLeadersNotAvailable, m)
+            }
+            OperatorError::InvalidAssignment(m) => {
+                Outcome::refused(ErrorCode::InvalidReplicaAssignment, m)
+            }
+            OperatorError::NoReassignmentInProgress => Outcome::refused(
+                ErrorCode::NoReassignmentInProgress,
+                "the partition is not being reassigned",
+            ),
+        },
     }
 }
 
