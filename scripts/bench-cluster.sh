@@ -8,6 +8,10 @@
 # between). Every topic uses flush.policy=batch (acks=all counts fsynced copies).
 #
 #   scripts/bench-cluster.sh [DIR] [REPEATS] [FAILOVERS]     (COUNT=records per run)
+#
+# FAILOVER_ON=controller first moves partition 0's leadership to the active controller
+# (`quiver partition reassign` + `partition elect --preferred`), so every kill is the worst
+# case: the partition leader and the controller at once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
@@ -68,10 +72,24 @@ for r in $(seq 1 "$repeats"); do
 done
 
 : > "$dir/failover.txt"
+leads_p0() { [ "$(status 127.0.0.1:7610 | awk '$1 == "perf-rf3" && $2 == "0" { print $3 }')" = "$1" ]; }
 for f in $(seq 1 "$failovers"); do
+  if [ "${FAILOVER_ON:-}" = controller ]; then
+    # The worst case on purpose: move partition 0's leadership to the active controller
+    # (reorder its replicas, then a preferred election), so the kill takes out both.
+    c=$(status 127.0.0.1:7610 | sed -n 's/.*controller \([0-9]*\),.*/\1/p')
+    if ! leads_p0 "$c"; then
+      "$bin" partition reassign perf-rf3/0 --replicas "$c,$(echo 1 2 3 | tr ' ' '\n' | grep -v "^$c$" | paste -sd,)" \
+        --wait --server 127.0.0.1:7610 --ca "$ca" > /dev/null
+      "$bin" partition elect perf-rf3/0 --preferred --server 127.0.0.1:7610 --ca "$ca" > /dev/null
+      wait_until "the controller leading partition 0" leads_p0 "$c"
+    fi
+  fi
   leader=$(status 127.0.0.1:7610 | awk '$1 == "perf-rf3" && $2 == "0" { print $3 }')
   [ -n "$leader" ] && [ "$leader" != none ] || { echo "error: no leader for perf-rf3/0" >&2; exit 1; }
   other=$(( leader == 1 ? 2 : 1 ))
+  controller=$(status 127.0.0.1:7610 | sed -n 's/.*controller \([0-9]*\),.*/\1/p')
+  role=$([ "$controller" = "$leader" ] && echo "also the active controller" || echo "not the active controller")
   kill -KILL "${pid[$leader]}"
   t0=$(date +%s%N)
   # The cluster's side: a poller notes when the metadata names a new leader.
@@ -93,7 +111,7 @@ for f in $(seq 1 "$failovers"); do
   t1=$(date +%s%N)
   ms=$(( (t1 - t0) / 1000000 ))
   wait "$poller" || true
-  echo "failover $f: killed node $leader; new leader in the metadata after $(cat "$dir/elected") ms; first acknowledged write on its successor after ${ms} ms" \
+  echo "failover $f: killed node $leader ($role); new leader in the metadata after $(cat "$dir/elected") ms; first acknowledged write on its successor after ${ms} ms" \
     | tee -a "$dir/failover.txt"
   wait "${pid[$leader]}" 2>/dev/null || true
   start_node "$leader"

@@ -85,6 +85,9 @@ struct WriteReply {
 const WRITE_DEADLINE: Duration = Duration::from_secs(15);
 /// One peer call of the controller protocol.
 const PEER_CALL: Duration = Duration::from_secs(3);
+/// Heartbeat intervals a new active controller gives the node that led the controller group
+/// before it, instead of a full lease (see `controller_loop`).
+const PREVIOUS_CONTROLLER_GRACE_HEARTBEATS: u32 = 3;
 
 /// This node's part in the cluster.
 pub struct Cluster {
@@ -607,6 +610,9 @@ impl Cluster {
     /// to the group as learners.
     async fn controller_loop(self: Arc<Self>) {
         let tick = (self.settings.heartbeat / 2).max(Duration::from_millis(20));
+        // The last other node seen leading the group: when this node takes over, that one
+        // has just been silent for an election timeout.
+        let mut previous: Option<RaftId> = None;
         loop {
             tokio::time::sleep(tick).await;
             let (leader, term, state) = {
@@ -616,6 +622,9 @@ impl Cluster {
             };
             if leader != Some(self.me()) || state != ServerState::Leader {
                 *self.lead_term.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                if leader.is_some() && leader != Some(self.me()) {
+                    previous = leader;
+                }
                 continue;
             }
             let (brokers, members, peer_addrs) = self.read(|a| {
@@ -637,15 +646,26 @@ impl Cluster {
             {
                 let mut lead = self.lead_term.lock().unwrap_or_else(|p| p.into_inner());
                 if *lead != Some(term) {
-                    // A new active controller: everyone gets a full lease from now.
+                    // A new active controller: everyone gets a full lease from now (they
+                    // heartbeated the old controller), except the old controller itself. A
+                    // majority has just gone an election timeout without hearing from it, so
+                    // it gets `PREVIOUS_CONTROLLER_GRACE_HEARTBEATS` heartbeats to show it is
+                    // alive. If it is, its next heartbeat unfences it.
                     *lead = Some(term);
                     let now = Instant::now();
+                    let grace = self.settings.heartbeat * PREVIOUS_CONTROLLER_GRACE_HEARTBEATS;
                     let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
                     leases.clear();
                     for (id, epoch, _) in &brokers {
-                        leases.insert(*id, (*epoch, now));
+                        let start = if previous == Some(u64::from(*id)) {
+                            now.checked_sub(self.settings.lease.saturating_sub(grace))
+                                .unwrap_or(now)
+                        } else {
+                            now
+                        };
+                        leases.insert(*id, (*epoch, start));
                     }
-                    tracing::info!(term, "active controller");
+                    tracing::info!(term, previous, "active controller");
                 }
             }
             let expired: Vec<(u32, u64)> = {
