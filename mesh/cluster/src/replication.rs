@@ -665,6 +665,11 @@ impl Replica {
         })
     }
 
+    /// Forgets followers that are no longer replicas (see [`ReplicaCore::retain_followers`]).
+    pub fn retain_followers(&mut self, replicas: &[NodeId]) {
+        self.core.retain_followers(replicas);
+    }
+
     /// Handles a message; returns the answer to send back, if any.
     pub fn on_message(&mut self, m: Message, now_ms: u64) -> Option<(NodeId, Message)> {
         match m {

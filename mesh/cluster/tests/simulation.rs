@@ -1,8 +1,12 @@
-//! Deterministic simulation of one partition replicated on three nodes (RF 3, min ISR 2,
-//! acks=all), driven by a seeded random schedule: produces (mostly to the leader, some to
+//! Deterministic simulation of one partition on four nodes, created on three (RF 3, min ISR
+//! 2, acks=all), driven by a seeded random schedule: produces (mostly to the leader, some to
 //! stale or random nodes), fetches, fsyncs, message drops, delays and reordering, network
 //! partitions that isolate a node, crashes that lose what was not fsynced (one node, or all
-//! at once as in a power loss), and restarts. The
+//! at once as in a power loss), restarts, and operator reassignments of the partition to
+//! another two or three of the four nodes (and cancellations). A node learns of placement
+//! changes from late metadata, as in the broker: a node no longer placed deletes its replica,
+//! a node newly placed starts an empty one, and a leader ignores fetches from nodes that are
+//! not replicas in its copy of the metadata. The
 //! controller is the real `ClusterControl` (broker registration with epochs, leases, fencing,
 //! placement, ISR changes), run as one reliable authority (Raft is not simulated) whose
 //! decisions reach the nodes late.
@@ -10,8 +14,9 @@
 //! Checked all along: at most one node appends entries of any leader epoch; replicas agree
 //! below their high watermarks; an acknowledged offset is never given to another record.
 //! Checked at the end, after healing everything and letting the cluster settle: every
-//! acknowledged record is in the leader's log at its offset, below the high watermark, every
-//! replica is back in the ISR and holds the leader's log.
+//! acknowledged record is in the leader's log at its offset, below the high watermark, no
+//! reassignment is left in progress, every replica is back in the ISR and holds the leader's
+//! log.
 //!
 //! A failure prints its seed; `QUIVER_SIM_SEED=N` replays one seed, `QUIVER_SIM_SEEDS=N` runs
 //! more of them.
@@ -26,7 +31,7 @@ use quiver_cluster::replication::{
 };
 use quiver_cluster::{Epoch, NodeId};
 
-const NODES: [NodeId; 3] = [1, 2, 3];
+const NODES: [NodeId; 4] = [1, 2, 3, 4];
 const LEASE_MS: u64 = 60;
 const RUN_MS: u64 = 3_000;
 const SETTLE_MS: u64 = 3_000;
@@ -57,8 +62,12 @@ enum Event {
         to: NodeId,
         msg: Message,
     },
-    /// The controller's state arrives at a node.
-    Metadata { to: NodeId, state: LeaderAndIsr },
+    /// The controller's state arrives at a node: leader, epochs, ISR and replicas.
+    Metadata {
+        to: NodeId,
+        state: LeaderAndIsr,
+        replicas: Vec<NodeId>,
+    },
     /// A leader's ISR proposal arrives at the controller.
     Proposal(IsrProposal),
 }
@@ -75,6 +84,11 @@ struct Sim {
     cluster: ClusterControl,
     /// Each running node's broker epoch.
     epochs: BTreeMap<NodeId, u64>,
+    /// Per node, the replicas of the newest metadata it applied (older metadata arriving
+    /// late is ignored, as a broker applies the metadata log in order).
+    known: BTreeMap<NodeId, (u32, Vec<NodeId>)>,
+    /// Reassignments started (and cancellations), for the run's report.
+    moves: u64,
     /// Nodes cut off from the others and from the controller, until the given time.
     isolated: BTreeMap<NodeId, u64>,
     settings: Settings,
@@ -100,12 +114,17 @@ impl Sim {
             .iter()
             .map(|n| (*n, cluster.register(*n, "", 0)))
             .collect();
-        cluster.create_topic("t", 1, NODES.len()).unwrap();
+        cluster.create_topic("t", 1, 3).unwrap();
         let mut nodes = BTreeMap::new();
+        let mut known = BTreeMap::new();
+        let part = cluster.partition("t", 0).unwrap();
         for n in NODES {
             let mut r = Replica::new(n, settings, ReplicaLog::default());
-            r.on_leader_and_isr(cluster.partition("t", 0).unwrap().state(), 0);
+            if part.replicas().contains(&n) {
+                r.on_leader_and_isr(part.state(), 0);
+            }
             nodes.insert(n, Some(r));
+            known.insert(n, (part.state().partition_epoch, part.replicas().to_vec()));
         }
         Self {
             rng: Rng(seed),
@@ -117,6 +136,8 @@ impl Sim {
             disks: BTreeMap::new(),
             cluster,
             epochs,
+            known,
+            moves: 0,
             isolated: BTreeMap::new(),
             settings,
             pending: Vec::new(),
@@ -152,6 +173,7 @@ impl Sim {
 
     fn broadcast_metadata(&mut self) {
         let state = self.control().state().clone();
+        let replicas = self.control().replicas().to_vec();
         for n in NODES {
             let delay = 1 + self.rng.below(15);
             self.schedule(
@@ -159,8 +181,34 @@ impl Sim {
                 Event::Metadata {
                     to: n,
                     state: state.clone(),
+                    replicas: replicas.clone(),
                 },
             );
+        }
+    }
+
+    fn hosts(&self, n: NodeId) -> bool {
+        self.known[&n].1.contains(&n)
+    }
+
+    /// Node `n` applies metadata: newer placement first (a replica moved away is deleted,
+    /// one moved here starts empty), then the partition state for a replica it hosts.
+    fn apply_metadata(&mut self, n: NodeId, state: &LeaderAndIsr, replicas: &[NodeId]) {
+        if state.partition_epoch < self.known[&n].0 {
+            return;
+        }
+        let (was, is) = (self.hosts(n), replicas.contains(&n));
+        self.known.insert(n, (state.partition_epoch, replicas.to_vec()));
+        let Some(Some(r)) = self.nodes.get_mut(&n) else {
+            return;
+        };
+        if was && !is {
+            *r = Replica::new(n, self.settings, ReplicaLog::default());
+            self.pending.retain(|p| p.0 != n);
+        }
+        if is {
+            r.on_leader_and_isr(state, self.now);
+            r.retain_followers(replicas);
         }
     }
 
@@ -175,15 +223,27 @@ impl Sim {
     }
 
     fn restart(&mut self, n: NodeId) {
-        let log = self.disks.remove(&n).unwrap_or_default();
+        let log = self.disks.get(&n).cloned().unwrap_or_default();
+        self.disks.remove(&n);
         let mut r = Replica::new(n, self.settings, log);
         // A new incarnation registers: the old one is fenced first (its ISR membership was
         // for a log that may have lost its unsynced tail), then the new one unfenced.
         let before = self.cluster.version();
         let epoch = self.cluster.register(n, "", self.now);
         self.epochs.insert(n, epoch);
-        r.on_leader_and_isr(self.control().state(), self.now);
         self.nodes.insert(n, Some(r));
+        let (state, replicas) = (
+            self.control().state().clone(),
+            self.control().replicas().to_vec(),
+        );
+        // A restarted node reads the current metadata (its replica was deleted on disk if the
+        // partition moved away meanwhile; it is empty if the partition moved here).
+        self.known.insert(n, (0, replicas.clone()));
+        if !replicas.contains(&n) {
+            self.disks.remove(&n);
+            self.nodes.insert(n, Some(Replica::new(n, self.settings, ReplicaLog::default())));
+        }
+        self.apply_metadata(n, &state, &replicas);
         if self.cluster.version() != before {
             self.broadcast_metadata();
         }
@@ -194,13 +254,13 @@ impl Sim {
         // Faults.
         if self.faults {
             if self.rng.chance(1_500) {
-                let n = NODES[self.rng.below(3) as usize];
+                let n = NODES[self.rng.below(NODES.len() as u64) as usize];
                 if self.nodes[&n].is_some() {
                     self.crash(n);
                 }
             }
             if self.rng.chance(1_000) {
-                let n = NODES[self.rng.below(3) as usize];
+                let n = NODES[self.rng.below(NODES.len() as u64) as usize];
                 let until = now + 50 + self.rng.below(300);
                 self.isolated.insert(n, until);
             }
@@ -208,6 +268,24 @@ impl Sim {
             if self.rng.chance(150) {
                 for n in NODES {
                     self.crash(n);
+                }
+            }
+            // An operator moves the partition to two or three of the four nodes, or cancels.
+            if self.rng.chance(2_000) {
+                let r = if self.rng.chance(200_000) {
+                    self.cluster.reassign("t", 0, None)
+                } else {
+                    let mut target: Vec<NodeId> = NODES.to_vec();
+                    let keep = 2 + self.rng.below(2) as usize;
+                    while target.len() > keep {
+                        target.remove(self.rng.below(target.len() as u64) as usize);
+                    }
+                    target.rotate_left(self.rng.below(keep as u64) as usize);
+                    self.cluster.reassign("t", 0, Some(&target))
+                };
+                if r.is_ok() {
+                    self.moves += 1;
+                    self.broadcast_metadata();
                 }
             }
         }
@@ -239,7 +317,7 @@ impl Sim {
             let target = if self.rng.chance(900_000) {
                 self.control().state().leader
             } else {
-                Some(NODES[self.rng.below(3) as usize])
+                Some(NODES[self.rng.below(NODES.len() as u64) as usize])
             };
             if let Some(t) = target
                 && !self.cut(t)
@@ -267,10 +345,14 @@ impl Sim {
         let mut proposals = Vec::new();
         let sync_each: Vec<bool> = NODES.iter().map(|_| self.rng.chance(50_000)).collect();
         let fetch_each: Vec<bool> = NODES.iter().map(|_| self.rng.chance(300_000)).collect();
+        let hosting: Vec<bool> = NODES.iter().map(|n| self.hosts(*n)).collect();
         for (i, n) in NODES.iter().enumerate() {
             let Some(Some(r)) = self.nodes.get_mut(n) else {
                 continue;
             };
+            if !hosting[i] {
+                continue;
+            }
             if sync_each[i] {
                 r.sync();
             }
@@ -314,6 +396,10 @@ impl Sim {
                 if self.cut(to) {
                     return;
                 }
+                // A leader answers fetches of replicas only (by its own metadata).
+                if matches!(msg, Message::Fetch { .. }) && !self.known[&to].1.contains(&from) {
+                    return;
+                }
                 let answer = match self.nodes.get_mut(&to) {
                     Some(Some(r)) => r.on_message(msg, now),
                     _ => None,
@@ -323,15 +409,24 @@ impl Sim {
                     self.send(to, back, m);
                 }
             }
-            Event::Metadata { to, state } => {
+            Event::Metadata {
+                to,
+                state,
+                replicas,
+            } => {
                 if self.cut(to) {
                     // Brokers pull the controller's log: a cut node gets it later.
-                    self.schedule(10, Event::Metadata { to, state });
+                    self.schedule(
+                        10,
+                        Event::Metadata {
+                            to,
+                            state,
+                            replicas,
+                        },
+                    );
                     return;
                 }
-                if let Some(Some(r)) = self.nodes.get_mut(&to) {
-                    r.on_leader_and_isr(&state, now);
-                }
+                self.apply_metadata(to, &state, &replicas);
             }
             Event::Proposal(p) => {
                 if self.cluster.isr_proposal("t", 0, &p).is_ok() {
@@ -391,7 +486,7 @@ impl Sim {
         }
     }
 
-    fn run(mut self) -> (usize, u64) {
+    fn run(mut self) -> (usize, u64, u64) {
         for _ in 0..RUN_MS {
             self.step();
             self.now += 1;
@@ -426,15 +521,25 @@ impl Sim {
                 "ISR member {n} differs"
             );
         }
-        // Liveness once healed: everyone is back in sync with the leader.
-        assert_eq!(
-            state.isr.len(),
-            NODES.len(),
-            "ISR after settling: {:?}",
-            state.isr
+        // Liveness once healed: no move is left half done, and every replica is back in sync
+        // with the leader.
+        let replicas = self.control().replicas().to_vec();
+        assert!(
+            self.control().reassignment().is_none(),
+            "a reassignment still in progress: {:?}",
+            self.control().reassignment()
         );
-        for n in NODES {
-            let r = self.nodes[&n].as_ref().expect("all run");
+        assert_eq!(
+            state.isr.iter().copied().collect::<Vec<_>>(),
+            {
+                let mut r = replicas.clone();
+                r.sort_unstable();
+                r
+            },
+            "ISR after settling"
+        );
+        for n in &replicas {
+            let r = self.nodes[n].as_ref().expect("all run");
             assert_eq!(r.log().entries(), entries, "replica {n} did not catch up");
         }
         let epochs: Vec<Epoch> = self.control().history().iter().map(|(e, _)| *e).collect();
@@ -442,7 +547,11 @@ impl Sim {
             epochs.windows(2).all(|w| w[0] < w[1]),
             "one leader per epoch"
         );
-        (self.acked.len(), self.control().state().epoch as u64)
+        (
+            self.acked.len(),
+            self.control().state().epoch as u64,
+            self.moves,
+        )
     }
 }
 
@@ -461,12 +570,14 @@ fn seeds() -> Vec<u64> {
 fn replication_keeps_every_acknowledged_record_under_faults() {
     let mut acked_total = 0;
     let mut elections = 0;
+    let mut moves = 0;
     for seed in seeds() {
         let outcome = std::panic::catch_unwind(|| Sim::new(seed).run());
         match outcome {
-            Ok((acked, epochs)) => {
+            Ok((acked, epochs, m)) => {
                 acked_total += acked;
                 elections += epochs;
+                moves += m;
             }
             Err(e) => {
                 let msg = e
@@ -479,7 +590,7 @@ fn replication_keeps_every_acknowledged_record_under_faults() {
         }
     }
     eprintln!(
-        "simulation: {acked_total} acknowledged records, {elections} leader epochs over all seeds"
+        "simulation: {acked_total} acknowledged records, {elections} leader epochs, {moves} reassignments over all seeds"
     );
     // The schedule must actually exercise the protocol.
     assert!(
@@ -487,4 +598,5 @@ fn replication_keeps_every_acknowledged_record_under_faults() {
         "too few acknowledgements: {acked_total}"
     );
     assert!(elections > 60, "too few leader changes: {elections}");
+    assert!(moves > 60, "too few reassignments: {moves}");
 }
