@@ -3,7 +3,8 @@
 # voters, sharing a development CA), creates a topic with three replicas, produces with
 # acks=all and consumes; then SIGKILLs the leader, shows the cluster electing a new one and
 # carrying on (produce and consume again), restarts the dead node and shows it catch up and
-# rejoin every ISR; then stops all three (SIGTERM: controlled shutdown).
+# rejoin every ISR; moves a two-replica topic onto the third node with `quiver partition
+# reassign` while it serves; then stops all three (SIGTERM: controlled shutdown).
 #
 # Data, logs and the CA go to ./three-node-data (removed first). Ports: clients 7410, 7420,
 # 7430; peers 7411, 7421, 7431.
@@ -83,4 +84,19 @@ start "$leader"
 wait_for "node $leader back in every ISR" '(payments +[0-9] +[0-9]+ +[0-9]+ +[0-9,]+ +[0-9],[0-9],[0-9][^0-9]*){3}' \
   bash -c "'$bin' cluster status --server 127.0.0.1:74${leader}0 | grep payments | tr '\n' ' '"
 status "127.0.0.1:74${leader}0"
+echo "--- reassignment: a two-replica topic moves to the third node while it keeps serving"
+q topic create audit --partitions 1 --replication-factor 2 --min-insync-replicas 2 \
+  --flush batch --server 127.0.0.1:7410
+wait_for "audit/0 with two in-sync replicas" 'audit +0 +[0-9]+ +[0-9]+ +[0-9],[0-9] +[0-9],[0-9]' \
+  status 127.0.0.1:7410
+replicas=$(status 127.0.0.1:7410 | awk '$1 == "audit" && $2 == "0" { print $5 }')
+spare=$(echo 1 2 3 | tr ' ' '\n' | grep -v -E "^(${replicas/,/|})$")
+target="$spare,${replicas#*,}"
+seq 1 5 | sed 's/^/audit-/' | q produce audit --acks all --server 127.0.0.1:7410
+echo "audit/0 is on nodes $replicas; moving it to $target"
+q partition reassign audit/0 --replicas "$target" --wait --server 127.0.0.1:7420
+seq 6 9 | sed 's/^/audit-/' | q produce audit --acks all --server 127.0.0.1:7430
+echo "--- consumed after the move:"
+q consume audit --from-beginning --server 127.0.0.1:7430 | sort -V | tr '\n' ' '; echo
+status 127.0.0.1:7430 | grep -E "^(TOPIC|audit)"
 echo "--- stopping (SIGTERM: each node hands its leaderships over first)"
