@@ -342,8 +342,12 @@ impl Broker {
                         Err(e) => Err(e),
                     };
                     match gone {
-                        Ok(()) => tracing::info!(topic = %name, partition = p.id().0, "replica removed from this node"),
-                        Err(e) => tracing::warn!(topic = %name, partition = p.id().0, error = %e, "could not remove a replica moved away; tidied at the next start"),
+                        Ok(()) => {
+                            tracing::info!(topic = %name, partition = p.id().0, "replica removed from this node")
+                        }
+                        Err(e) => {
+                            tracing::warn!(topic = %name, partition = p.id().0, error = %e, "could not remove a replica moved away; tidied at the next start")
+                        }
                     }
                 }
                 tracing::info!(topic = %name, hosted = ?config.hosted, "hosted partitions changed");

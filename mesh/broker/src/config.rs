@@ -78,6 +78,9 @@ pub struct ClusterConfig {
     pub lease_ms: u64,
     /// Controller election timeout, ms (randomised between this and twice it).
     pub election_timeout_ms: u64,
+    /// Gossip probe period, ms: a member is probed about this often, and one that stays
+    /// unreachable is suspect after a period and down after four more (advisory only).
+    pub gossip_probe_ms: u64,
 }
 
 impl Default for ClusterConfig {
@@ -92,6 +95,7 @@ impl Default for ClusterConfig {
             heartbeat_ms: 500,
             lease_ms: 3_000,
             election_timeout_ms: 1_000,
+            gossip_probe_ms: 1_000,
         }
     }
 }

@@ -119,6 +119,7 @@ pub fn single_node_status(broker: &Broker, advertised: &str) -> ClusterStatusRes
             role: RaftRole::None,
             state: MemberState::Live,
             broker_epoch: 0,
+            gossip: GossipStatus::Unknown,
         }],
         partitions,
     }

@@ -134,6 +134,17 @@ impl Node {
                         c.election_timeout_ms.max(50) * 2,
                     ),
                     raft_heartbeat_ms: (c.election_timeout_ms / 4).max(10),
+                    gossip: {
+                        let probe = Duration::from_millis(c.gossip_probe_ms.max(20));
+                        crate::cluster::gossip::GossipSettings {
+                            expected_members: (c.controller_voters.len() + c.seeds.len()).max(3)
+                                as u32,
+                            probe_period: probe,
+                            probe_rtt: probe / 2,
+                            suspect_to_down_after: probe * 4,
+                            ..Default::default()
+                        }
+                    },
                 };
                 let (cluster, _) = Cluster::start(
                     settings,

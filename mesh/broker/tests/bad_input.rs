@@ -38,12 +38,11 @@ use quiver_proto::codec::Reader;
 use quiver_proto::messages::{
     Acks, AlterTopicRequest, ApiVersionsRequest, ApiVersionsResponse, ClusterStatusRequest,
     CreateTopicsRequest, DeleteTopicsRequest, DescribeTopicsRequest, ElectLeadersRequest,
-    FetchPartition, FetchRequest,
-    FetchResponse, FetchTopic, LATEST_TIMESTAMP, ListOffsetsRequest, ListTopicsRequest, Message,
-    MetadataRequest, PipelineControlRequest, PipelineCreateRequest, PipelineDeleteRequest,
-    PipelineListRequest, PluginDeployRequest, PluginListRequest, PluginRemoveRequest,
-    ProducePartition, ProduceRequest, ProduceResponse, ProduceTopic, ReassignPartitionsRequest,
-    Status, TransportProbeRequest,
+    FetchPartition, FetchRequest, FetchResponse, FetchTopic, LATEST_TIMESTAMP, ListOffsetsRequest,
+    ListTopicsRequest, Message, MetadataRequest, PipelineControlRequest, PipelineCreateRequest,
+    PipelineDeleteRequest, PipelineListRequest, PluginDeployRequest, PluginListRequest,
+    PluginRemoveRequest, ProducePartition, ProduceRequest, ProduceResponse, ProduceTopic,
+    ReassignPartitionsRequest, Status, TransportProbeRequest,
 };
 use quiver_proto::{ApiKey, BatchBuilder, Compression, ErrorCode, RequestHeader, ResponseHeader};
 use quiver_transport::{

@@ -20,7 +20,9 @@ use quiver_client::{
     Acks, Client, ClientConfig, Consumer, ConsumerConfig, Producer, ProducerConfig, ProducerRecord,
     SeekTo,
 };
-use quiver_proto::messages::{ClusterStatusResponse, MemberState, PartitionLeadership};
+use quiver_proto::messages::{
+    ClusterStatusResponse, GossipStatus, MemberState, PartitionLeadership,
+};
 
 const QUIVER: &str = env!("CARGO_BIN_EXE_quiver");
 
@@ -140,14 +142,31 @@ impl Cluster {
     }
 
     /// As [`start`](Self::start), with node `i`'s peer endpoint on `ports[i]` and advertised
-    /// to the others as `advertised[i]` (a proxy in front of it).
+    /// to the others as `advertised[i]` (a proxy in front of it); every node's seeds are all
+    /// three.
     fn start_advertising(ports: &[u16], advertised: &[u16]) -> Cluster {
+        let all: Vec<u16> = advertised.to_vec();
+        Self::start_with(ports, advertised, |_| all.clone())
+    }
+
+    /// Three nodes whose seeds form a chain: node 1 has none, node 2 names node 1, node 3
+    /// names node 2. Node 1, which initialises the controller group, can only learn of node 3
+    /// through gossip.
+    fn start_chained() -> Cluster {
+        let ports: Vec<u16> = (0..3).map(|_| free_udp_port()).collect();
+        let seeds = ports.clone();
+        Self::start_with(&ports, &ports, |id| match id {
+            1 => Vec::new(),
+            n => vec![seeds[n as usize - 2]],
+        })
+    }
+
+    fn start_with(
+        ports: &[u16],
+        advertised: &[u16],
+        seeds_of: impl Fn(u32) -> Vec<u16>,
+    ) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
-        let seeds = advertised
-            .iter()
-            .map(|p| format!("127.0.0.1:{p}"))
-            .collect::<Vec<_>>()
-            .join(",");
         let ca_dir = dir.path().join("ca");
         let nodes = (1..=3u32)
             .map(|id| {
@@ -156,7 +175,7 @@ impl Cluster {
                 std::fs::write(
                     &config,
                     format!(
-                        "[cluster]\nheartbeat_ms = 200\nlease_ms = 1500\nelection_timeout_ms = 600\npeer_advertised_addr = \"127.0.0.1:{}\"\n",
+                        "[cluster]\nheartbeat_ms = 200\nlease_ms = 1500\nelection_timeout_ms = 600\ngossip_probe_ms = 300\npeer_advertised_addr = \"127.0.0.1:{}\"\n",
                         advertised[id as usize - 1]
                     ),
                 )
@@ -175,8 +194,6 @@ impl Cluster {
                         &format!("127.0.0.1:{}", ports[id as usize - 1]),
                         "--controller-voters",
                         "1,2,3",
-                        "--seeds",
-                        &seeds,
                         "--dev-ca-dir",
                         ca_dir.to_str().unwrap(),
                         "--config",
@@ -184,6 +201,16 @@ impl Cluster {
                     ]
                     .iter()
                     .map(|s| s.to_string())
+                    .chain({
+                        let seeds: Vec<String> = seeds_of(id)
+                            .iter()
+                            .map(|p| format!("127.0.0.1:{p}"))
+                            .collect();
+                        (!seeds.is_empty())
+                            .then(|| ["--seeds".to_string(), seeds.join(",")])
+                            .into_iter()
+                            .flatten()
+                    })
                     .collect(),
                     child: None,
                     addr: String::new(),
@@ -281,7 +308,8 @@ fn runtime() -> tokio::runtime::Runtime {
 #[test]
 fn three_nodes_form_a_cluster_place_topics_and_survive_losing_the_controller() {
     let rt = runtime();
-    let mut cluster = Cluster::start();
+    // Seeds in a chain (1 ← 2 ← 3): the cluster forms only if gossip tells node 1 of node 3.
+    let mut cluster = Cluster::start_chained();
     rt.block_on(async {
         let s = cluster
             .wait_status(2, "three live members and a controller", |s| {
@@ -289,6 +317,14 @@ fn three_nodes_form_a_cluster_place_topics_and_survive_losing_the_controller() {
             })
             .await;
         assert_eq!(s.members.len(), 3);
+        for id in 1..=3 {
+            cluster
+                .wait_status(id, "gossip: every member alive", |s| {
+                    s.members.len() == 3
+                        && s.members.iter().all(|m| m.gossip == GossipStatus::Alive)
+                })
+                .await;
+        }
         let c = cluster.client(3).await;
         // Placement: replicas spread, leaders rotate; a replication factor above the live
         // node count is refused.
@@ -349,6 +385,14 @@ fn three_nodes_form_a_cluster_place_topics_and_survive_losing_the_controller() {
                 s.controller != 0 && s.controller != controller && !live(s).contains(&controller)
             })
             .await;
+        // Gossip, advisory, sees it down too (after its own probes and suspicion).
+        cluster
+            .wait_status(other, "gossip: the killed node down", |s| {
+                s.members
+                    .iter()
+                    .any(|m| m.node_id == controller && m.gossip == GossipStatus::Down)
+            })
+            .await;
         assert!(
             s.partitions.iter().all(|p| p.leader != controller),
             "no partition is led by the fenced node: {:?}",
@@ -378,6 +422,14 @@ fn three_nodes_form_a_cluster_place_topics_and_survive_losing_the_controller() {
                 "the restarted node live with the new topic",
                 |s| live(s).len() == 3 && s.partitions.iter().any(|p| p.topic == "after"),
             )
+            .await;
+        // A new incarnation is alive to gossip again, as seen from another node.
+        cluster
+            .wait_status(other, "gossip: the restarted node alive", |s| {
+                s.members
+                    .iter()
+                    .any(|m| m.node_id == controller && m.gossip == GossipStatus::Alive)
+            })
             .await;
         let epoch = s
             .members
@@ -927,7 +979,14 @@ fn a_partition_moves_to_new_replicas_while_a_producer_writes() {
     writer.wait_more(3_000);
     let (ok, out) = cluster.cli(
         2,
-        &["partition", "reassign", "moving/0", "--replicas", "3,2", "--wait"],
+        &[
+            "partition",
+            "reassign",
+            "moving/0",
+            "--replicas",
+            "3,2",
+            "--wait",
+        ],
     );
     assert!(ok, "reassign failed: {out}");
     let s = rt.block_on(cluster.wait_status(3, "the move applied on node 3", |s| {
@@ -940,13 +999,22 @@ fn a_partition_moves_to_new_replicas_while_a_producer_writes() {
     writer.wait_more(1_000);
     let deadline = Instant::now() + Duration::from_secs(30);
     while cluster.partition_dir(1, topic, 0).exists() {
-        assert!(Instant::now() < deadline, "node 1 kept the replica moved away");
+        assert!(
+            Instant::now() < deadline,
+            "node 1 kept the replica moved away"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     // Refusals.
-    let (ok, out) = cluster.cli(1, &["partition", "reassign", "moving/0", "--replicas", "3,9"]);
+    let (ok, out) = cluster.cli(
+        1,
+        &["partition", "reassign", "moving/0", "--replicas", "3,9"],
+    );
     assert!(!ok && out.contains("invalid_replica_assignment"), "{out}");
-    let (ok, out) = cluster.cli(1, &["partition", "reassign", "moving/0", "--replicas", "3,3"]);
+    let (ok, out) = cluster.cli(
+        1,
+        &["partition", "reassign", "moving/0", "--replicas", "3,3"],
+    );
     assert!(!ok && out.contains("invalid_replica_assignment"), "{out}");
     let (ok, out) = cluster.cli(1, &["partition", "reassign", "moving/0", "--cancel"]);
     assert!(!ok && out.contains("no_reassignment_in_progress"), "{out}");
@@ -1017,15 +1085,24 @@ fn an_operator_elects_an_unclean_leader_and_then_the_preferred_one() {
     // needs two of its three voters to fence node 1), but cannot catch up from a dead leader.
     cluster.node(1).kill();
     cluster.node(2).spawn();
-    rt.block_on(cluster.wait_status(3, "node 2 live, the partition offline", |s| {
-        live(s).contains(&2) && !live(s).contains(&1) && leader_of(s, topic, 0) == 0
-    }));
+    rt.block_on(
+        cluster.wait_status(3, "node 2 live, the partition offline", |s| {
+            live(s).contains(&2) && !live(s).contains(&1) && leader_of(s, topic, 0) == 0
+        }),
+    );
     // Out of sync, node 2 is never elected by itself.
     std::thread::sleep(Duration::from_secs(3));
     let s = rt.block_on(cluster.wait_status(3, "a status", |_| true));
-    assert_eq!(leader_of(&s, topic, 0), 0, "an unclean election nobody asked for");
+    assert_eq!(
+        leader_of(&s, topic, 0),
+        0,
+        "an unclean election nobody asked for"
+    );
     let (ok, out) = cluster.cli(3, &["partition", "elect", "fragile/0", "--preferred"]);
-    assert!(!ok && out.contains("eligible_leaders_not_available"), "{out}");
+    assert!(
+        !ok && out.contains("eligible_leaders_not_available"),
+        "{out}"
+    );
     let (ok, out) = cluster.cli(3, &["partition", "elect", "fragile/0", "--unclean"]);
     assert!(ok, "unclean election failed: {out}");
     let s = rt.block_on(cluster.wait_status(3, "node 2 leads", |s| leader_of(s, topic, 0) == 2));
@@ -1040,9 +1117,7 @@ fn an_operator_elects_an_unclean_leader_and_then_the_preferred_one() {
     }));
     let (ok, out) = cluster.cli(3, &["partition", "elect", "fragile/0", "--preferred"]);
     assert!(ok, "preferred election failed: {out}");
-    rt.block_on(cluster.wait_status(3, "node 1 leads again", |s| {
-        leader_of(s, topic, 0) == 1
-    }));
+    rt.block_on(cluster.wait_status(3, "node 1 leads again", |s| leader_of(s, topic, 0) == 1));
     let (ok, out) = cluster.cli(3, &["partition", "elect", "fragile/0", "--preferred"]);
     assert!(!ok && out.contains("election_not_needed"), "{out}");
     let stored = rt.block_on(async { read_back(cluster.client(1).await, topic, 1).await });

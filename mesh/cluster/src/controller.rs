@@ -151,7 +151,11 @@ impl PartitionControl {
         self.reassignment = reassignment;
         self.state.isr = isr;
         self.state.partition_epoch += 1;
-        if self.state.leader.is_some_and(|l| !self.replicas.contains(&l)) {
+        if self
+            .state
+            .leader
+            .is_some_and(|l| !self.replicas.contains(&l))
+        {
             self.elect(live);
         }
         Ok(())
@@ -408,7 +412,11 @@ mod tests {
                 removing: vec![1]
             })
         );
-        assert_eq!(c.state().leader, Some(1), "the old leader leads until the move ends");
+        assert_eq!(
+            c.state().leader,
+            Some(1),
+            "the old leader leads until the move ends"
+        );
         assert_eq!(c.state().isr, [1, 2, 3].into());
         // 4 has caught up: the leader adds it, the move completes and 1, removed, hands over.
         add_to_isr(&mut c, 4, &live);
@@ -798,7 +806,12 @@ impl ClusterControl {
     }
 
     /// An operator's leader election for one partition: preferred, or unclean.
-    pub fn elect(&mut self, topic: &str, partition: u32, unclean: bool) -> Result<(), ClusterError> {
+    pub fn elect(
+        &mut self,
+        topic: &str,
+        partition: u32,
+        unclean: bool,
+    ) -> Result<(), ClusterError> {
         let live = self.live();
         let part = self.partition_mut(topic, partition)?;
         if unclean {

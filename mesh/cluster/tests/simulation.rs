@@ -198,7 +198,8 @@ impl Sim {
             return;
         }
         let (was, is) = (self.hosts(n), replicas.contains(&n));
-        self.known.insert(n, (state.partition_epoch, replicas.to_vec()));
+        self.known
+            .insert(n, (state.partition_epoch, replicas.to_vec()));
         let Some(Some(r)) = self.nodes.get_mut(&n) else {
             return;
         };
@@ -223,9 +224,8 @@ impl Sim {
     }
 
     fn restart(&mut self, n: NodeId) {
-        let log = self.disks.get(&n).cloned().unwrap_or_default();
-        self.disks.remove(&n);
-        let mut r = Replica::new(n, self.settings, log);
+        let log = self.disks.remove(&n).unwrap_or_default();
+        let r = Replica::new(n, self.settings, log);
         // A new incarnation registers: the old one is fenced first (its ISR membership was
         // for a log that may have lost its unsynced tail), then the new one unfenced.
         let before = self.cluster.version();
@@ -241,7 +241,10 @@ impl Sim {
         self.known.insert(n, (0, replicas.clone()));
         if !replicas.contains(&n) {
             self.disks.remove(&n);
-            self.nodes.insert(n, Some(Replica::new(n, self.settings, ReplicaLog::default())));
+            self.nodes.insert(
+                n,
+                Some(Replica::new(n, self.settings, ReplicaLog::default())),
+            );
         }
         self.apply_metadata(n, &state, &replicas);
         if self.cluster.version() != before {

@@ -577,6 +577,20 @@ pub enum MemberState {
     Fenced = 2,
 }
 
+/// A member as the answering node's gossip (SWIM failure detection) sees it: advisory only,
+/// it never decides leadership.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GossipStatus {
+    /// Not known to gossip (yet).
+    Unknown = 0,
+    /// Answers probes.
+    Alive = 1,
+    /// Missed probes; others are asked to confirm.
+    Suspect = 2,
+    /// Declared down (or it left).
+    Down = 3,
+}
+
 /// One cluster member.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClusterMember {
@@ -592,6 +606,8 @@ pub struct ClusterMember {
     pub state: MemberState,
     /// Current broker epoch (0 if not registered).
     pub broker_epoch: u64,
+    /// What gossip says of it.
+    pub gossip: GossipStatus,
 }
 
 /// One partition's placement and leadership.
@@ -658,6 +674,7 @@ impl Message for ClusterStatusResponse {
             w.u8(m.role as u8);
             w.u8(m.state as u8);
             w.u64(m.broker_epoch);
+            w.u8(m.gossip as u8);
         });
         put_vec(w, &self.partitions, |w, p| {
             w.string(&p.topic);
@@ -677,7 +694,7 @@ impl Message for ClusterStatusResponse {
             controller: r.u32("controller")?,
             term: r.u64("term")?,
             applied: r.u64("applied")?,
-            members: get_vec(r, "members", 18, |r| {
+            members: get_vec(r, "members", 19, |r| {
                 Ok(ClusterMember {
                     node_id: r.u32("node_id")?,
                     addr: r.string("addr")?,
@@ -695,6 +712,13 @@ impl Message for ClusterStatusResponse {
                         _ => return Err(DecodeError::Invalid("member state")),
                     },
                     broker_epoch: r.u64("broker_epoch")?,
+                    gossip: match r.u8("gossip")? {
+                        0 => GossipStatus::Unknown,
+                        1 => GossipStatus::Alive,
+                        2 => GossipStatus::Suspect,
+                        3 => GossipStatus::Down,
+                        _ => return Err(DecodeError::Invalid("gossip state")),
+                    },
                 })
             })?,
             partitions: get_vec(r, "partitions", 22, |r| {
@@ -2200,6 +2224,7 @@ mod tests {
                 role: RaftRole::Voter,
                 state: MemberState::Fenced,
                 broker_epoch: 4,
+                gossip: GossipStatus::Suspect,
             }],
             partitions: vec![PartitionLeadership {
                 topic: "t".into(),

@@ -22,6 +22,10 @@ const ACCEPT_QUEUE_LEN: usize = 16;
 const MTU_DISCOVERY_UPPER_BOUND: u16 = 1452;
 /// quinn's default largest UDP payload this endpoint accepts.
 const MAX_UDP_PAYLOAD_BYTES: u16 = 1472;
+/// Datagrams a peer connection buffers each way (received but not yet read, or queued but not
+/// yet sent); beyond it quinn drops the oldest. Gossip packets are ~1 KB and read at once, so
+/// this is hundreds of packets of slack while bounding what one peer can pin.
+const PEER_DATAGRAM_BUFFER_BYTES: usize = 256 * 1024;
 /// quinn sends up to 10 segments per GSO call and one call must fit a 64 KiB UDP datagram:
 /// above ~6.5 KB the kernel rejects the batch (EMSGSIZE, silently dropped), black-hole
 /// detection fires and the path falls back to 1200 bytes. Measured: 8952 ended at 1200 with
@@ -61,7 +65,12 @@ impl Server {
         alpn: &[u8],
         settings: &TransportSettings,
     ) -> Result<Self, TransportError> {
-        Self::bind_with(addr, identity.rustls_config(alpn)?, settings)
+        Self::bind_with(
+            addr,
+            identity.rustls_config(alpn)?,
+            settings,
+            Datagrams::Off,
+        )
     }
 
     /// A peer endpoint: as [`bind`](Self::bind) with ALPN `quiver-peer/1`, and every
@@ -78,11 +87,12 @@ impl Server {
             addr,
             identity.rustls_peer_config(crate::ALPN_PEER, peers)?,
             settings,
+            Datagrams::Peer,
         )?;
         let crypto =
             QuicClientConfig::try_from(peers.rustls_peer_config(crate::ALPN_PEER, identity)?)
                 .map_err(|e| TlsError::Config(e.to_string()))?;
-        let (transport, _) = quinn_configs(settings)?;
+        let (transport, _) = quinn_configs(settings, Datagrams::Peer)?;
         let mut client = quinn::ClientConfig::new(Arc::new(crypto));
         client.transport_config(transport);
         server.endpoint.set_default_client_config(client);
@@ -123,10 +133,11 @@ impl Server {
         addr: SocketAddr,
         tls: rustls::ServerConfig,
         settings: &TransportSettings,
+        datagrams: Datagrams,
     ) -> Result<Self, TransportError> {
         let crypto =
             QuicServerConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
-        let (transport, endpoint_config) = quinn_configs(settings)?;
+        let (transport, endpoint_config) = quinn_configs(settings, datagrams)?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         config
             .transport_config(transport)
@@ -246,7 +257,7 @@ impl Client {
         alpn: &[u8],
         settings: &TransportSettings,
     ) -> Result<Self, TransportError> {
-        Self::new_with(trust.rustls_config(alpn)?, settings)
+        Self::new_with(trust.rustls_config(alpn)?, settings, Datagrams::Off)
     }
 
     /// A node's endpoint towards its peers: ALPN `quiver-peer/1`, servers verified against
@@ -259,16 +270,18 @@ impl Client {
         Self::new_with(
             trust.rustls_peer_config(crate::ALPN_PEER, identity)?,
             settings,
+            Datagrams::Peer,
         )
     }
 
     fn new_with(
         tls: rustls::ClientConfig,
         settings: &TransportSettings,
+        datagrams: Datagrams,
     ) -> Result<Self, TransportError> {
         let crypto =
             QuicClientConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
-        let (transport, endpoint_config) = quinn_configs(settings)?;
+        let (transport, endpoint_config) = quinn_configs(settings, datagrams)?;
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
         config.transport_config(transport);
         let v6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0));
@@ -381,9 +394,21 @@ async fn wait_idle(endpoint: &quinn::Endpoint, limit: Duration) {
     }
 }
 
+/// Whether an endpoint's connections carry QUIC datagrams (RFC 9221).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Datagrams {
+    /// Client-facing: nothing reads datagrams there, so none are accepted (a client could
+    /// otherwise fill quinn's default 1.25 MB buffer on every connection).
+    Off,
+    /// Peer endpoints: gossip travels as datagrams, buffered up to
+    /// [`PEER_DATAGRAM_BUFFER_BYTES`] each way.
+    Peer,
+}
+
 /// quinn's per-connection and per-endpoint configs from the settings.
 fn quinn_configs(
     settings: &TransportSettings,
+    datagrams: Datagrams,
 ) -> Result<(Arc<quinn::TransportConfig>, EndpointConfig), TransportError> {
     let varint = |name: &str, value: u64| {
         VarInt::from_u64(value)
@@ -419,6 +444,16 @@ fn quinn_configs(
     let mut mtu_discovery = MtuDiscoveryConfig::default();
     mtu_discovery.upper_bound(initial_mtu.max(MTU_DISCOVERY_UPPER_BOUND));
     config.mtu_discovery_config(Some(mtu_discovery));
+    match datagrams {
+        Datagrams::Off => {
+            config.datagram_receive_buffer_size(None);
+        }
+        Datagrams::Peer => {
+            config
+                .datagram_receive_buffer_size(Some(PEER_DATAGRAM_BUFFER_BYTES))
+                .datagram_send_buffer_size(PEER_DATAGRAM_BUFFER_BYTES);
+        }
+    }
 
     let mut endpoint = EndpointConfig::default();
     // Advertise that we accept datagrams as large as our own initial MTU, else the peer
@@ -482,5 +517,67 @@ mod tests {
         assert_eq!(default_server_name("127.0.0.1:7000"), "localhost");
         assert_eq!(default_server_name("[::1]:7000"), "localhost");
         assert_eq!(default_server_name("localhost:7000"), "localhost");
+    }
+}
+
+#[cfg(test)]
+mod datagram_tests {
+    #![allow(clippy::unwrap_used)]
+
+    use bytes::Bytes;
+
+    use super::*;
+
+    /// Peer endpoints carry datagrams both ways (gossip); client-facing ones accept none, so a
+    /// client cannot fill datagram buffers that nothing reads.
+    #[tokio::test]
+    async fn only_peer_connections_carry_datagrams() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_dir = dir.path().join("ca");
+        let (a, ca) =
+            ServerIdentity::load_or_generate_dev_with_ca(&dir.path().join("a"), &ca_dir, &[])
+                .unwrap();
+        let (b, _) =
+            ServerIdentity::load_or_generate_dev_with_ca(&dir.path().join("b"), &ca_dir, &[])
+                .unwrap();
+        let trust = ClientTrust::from_ca_file(&ca).unwrap();
+        let settings = TransportSettings::default();
+        let limit = Duration::from_secs(10);
+
+        let peer_a =
+            Server::bind_peer("127.0.0.1:0".parse().unwrap(), &a, &trust, &settings).unwrap();
+        let peer_b =
+            Server::bind_peer("127.0.0.1:0".parse().unwrap(), &b, &trust, &settings).unwrap();
+        let addr_a = peer_a.local_addr().unwrap().to_string();
+        let dialled = peer_b.connect(&addr_a, None).await.unwrap();
+        let accepted = tokio::time::timeout(limit, peer_a.accept())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(dialled.max_datagram_size().unwrap() >= 1150);
+        dialled.send_datagram(Bytes::from_static(b"ping")).unwrap();
+        let got = tokio::time::timeout(limit, accepted.read_datagram()).await;
+        assert_eq!(&got.unwrap().unwrap()[..], b"ping");
+        accepted.send_datagram(Bytes::from_static(b"ack")).unwrap();
+        let got = tokio::time::timeout(limit, dialled.read_datagram()).await;
+        assert_eq!(&got.unwrap().unwrap()[..], b"ack");
+
+        let server = Server::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            &a,
+            crate::ALPN_CLIENT,
+            &settings,
+        )
+        .unwrap();
+        let client = Client::new(&trust, crate::ALPN_CLIENT, &settings).unwrap();
+        let conn = client
+            .connect(&server.local_addr().unwrap().to_string(), None)
+            .await
+            .unwrap();
+        assert_eq!(conn.max_datagram_size(), None);
+        assert!(matches!(
+            conn.send_datagram(Bytes::from_static(b"ping")),
+            Err(TransportError::InvalidSettings(_))
+        ));
     }
 }

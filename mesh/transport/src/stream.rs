@@ -5,7 +5,9 @@ use std::fmt;
 use std::net::SocketAddr;
 
 use bytes::Bytes;
-use quinn::{ConnectionError, ReadError, TransportErrorCode, VarInt, WriteError};
+use quinn::{
+    ConnectionError, ReadError, SendDatagramError, TransportErrorCode, VarInt, WriteError,
+};
 
 use crate::{TlsError, TransportError};
 
@@ -55,6 +57,36 @@ impl Connection {
     /// Wait until the connection is closed, and say why.
     pub async fn closed(&self) -> TransportError {
         connection_error(self.0.closed().await)
+    }
+
+    /// Queue an unreliable datagram; it goes out with the next packet or not at all. Never
+    /// waits: when the send buffer is full quinn drops the oldest queued datagrams instead.
+    /// [`TransportError::TooLong`] if `data` exceeds [`max_datagram_size`](Self::max_datagram_size).
+    pub fn send_datagram(&self, data: Bytes) -> Result<(), TransportError> {
+        self.0.send_datagram(data).map_err(|e| match e {
+            SendDatagramError::TooLarge => TransportError::TooLong {
+                limit_bytes: self.0.max_datagram_size().unwrap_or(0),
+            },
+            SendDatagramError::UnsupportedByPeer => {
+                TransportError::InvalidSettings("the peer does not accept datagrams".into())
+            }
+            SendDatagramError::Disabled => {
+                TransportError::InvalidSettings("datagrams are disabled on this endpoint".into())
+            }
+            SendDatagramError::ConnectionLost(e) => connection_error(e),
+        })
+    }
+
+    /// The next datagram the peer sent. Fails once the connection is closed (by either side:
+    /// [`TransportError::Closed`] or [`TransportError::ClosedByPeer`]) or lost.
+    pub async fn read_datagram(&self) -> Result<Bytes, TransportError> {
+        self.0.read_datagram().await.map_err(connection_error)
+    }
+
+    /// The largest datagram [`send_datagram`](Self::send_datagram) accepts now; it follows
+    /// the path MTU. `None` if the peer does not accept datagrams.
+    pub fn max_datagram_size(&self) -> Option<usize> {
+        self.0.max_datagram_size()
     }
 
     /// A snapshot of the connection's path and UDP counters.

@@ -10,7 +10,7 @@ use quiver_client::{
     ProducerRecord, SeekTo,
 };
 use quiver_proto::messages::config_keys as keys;
-use quiver_proto::messages::{MemberState, RaftRole};
+use quiver_proto::messages::{GossipStatus, MemberState, RaftRole};
 
 use super::ConnectArgs;
 
@@ -46,6 +46,12 @@ pub async fn cluster(cmd: ClusterCommand) -> anyhow::Result<ExitCode> {
                 MemberState::Fenced => "fenced",
                 MemberState::Unregistered => "unregistered",
             };
+            let gossip = |g: GossipStatus| match g {
+                GossipStatus::Alive => "alive",
+                GossipStatus::Suspect => "suspect",
+                GossipStatus::Down => "down",
+                GossipStatus::Unknown => "-",
+            };
             let ids = |v: &[u32]| {
                 v.iter()
                     .map(|i| i.to_string())
@@ -60,7 +66,7 @@ pub async fn cluster(cmd: ClusterCommand) -> anyhow::Result<ExitCode> {
                         serde_json::json!({
                             "node": m.node_id, "addr": m.addr, "peer_addr": m.peer_addr,
                             "role": role(m.role), "state": state(m.state),
-                            "broker_epoch": m.broker_epoch,
+                            "broker_epoch": m.broker_epoch, "gossip": gossip(m.gossip),
                         })
                     })
                     .collect();
@@ -96,18 +102,19 @@ pub async fn cluster(cmd: ClusterCommand) -> anyhow::Result<ExitCode> {
                 );
             }
             println!(
-                "{:<6} {:<8} {:<13} {:<6} {:<22} PEER",
-                "NODE", "ROLE", "STATE", "EPOCH", "ADDR"
+                "{:<6} {:<8} {:<13} {:<6} {:<22} {:<22} GOSSIP",
+                "NODE", "ROLE", "STATE", "EPOCH", "ADDR", "PEER"
             );
             for m in &s.members {
                 println!(
-                    "{:<6} {:<8} {:<13} {:<6} {:<22} {}",
+                    "{:<6} {:<8} {:<13} {:<6} {:<22} {:<22} {}",
                     m.node_id,
                     role(m.role),
                     state(m.state),
                     m.broker_epoch,
                     m.addr,
-                    m.peer_addr
+                    m.peer_addr,
+                    gossip(m.gossip)
                 );
             }
             if !s.partitions.is_empty() {

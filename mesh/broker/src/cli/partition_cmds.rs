@@ -25,7 +25,12 @@ pub struct ReassignArgs {
     #[arg(value_parser = parse_topic_partition)]
     target: (String, u32),
     /// The new replicas by node id; the first is the preferred leader.
-    #[arg(long, value_delimiter = ',', required_unless_present = "cancel", conflicts_with = "cancel")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        required_unless_present = "cancel",
+        conflicts_with = "cancel"
+    )]
     replicas: Vec<u32>,
     /// Cancel the move in progress: back to the replicas before it.
     #[arg(long)]

@@ -344,7 +344,9 @@ pub async fn reconcile(cluster: Arc<Cluster>, broker: Arc<Broker>) {
                 // Every replica here moved away.
                 match broker.delete_topic(&name).await {
                     Ok(()) => tracing::info!(topic = %name, "no replica left on this node"),
-                    Err(e) => tracing::warn!(topic = %name, error = %e, "cannot remove a topic whose replicas moved away"),
+                    Err(e) => {
+                        tracing::warn!(topic = %name, error = %e, "cannot remove a topic whose replicas moved away")
+                    }
                 }
                 continue;
             }

@@ -2,8 +2,13 @@
 //!
 //! - Every node runs the Raft group of [`raft`]: `--controller-voters` vote, every other
 //!   registered broker is added as a learner, so each node applies the metadata log itself.
+//! - Nodes find each other by SWIM gossip ([`gossip`], foca over QUIC datagrams): each
+//!   announces itself to its seeds and to the peers its metadata names. Gossip is for
+//!   discovery and for an advisory view of who is up (ClusterStatus); it never decides
+//!   leadership or fences anyone.
 //! - The node with the smallest voter id initialises the group once it has reached every
-//!   voter through the seeds (`Hello`), and only if no seed knows a controller already.
+//!   voter (`Hello`) through the seeds or the members gossip found, and only if none of them
+//!   knows a controller already.
 //! - Every node registers as a broker (a new broker epoch per start) and heartbeats the active
 //!   controller. The active controller keeps leases in memory and writes `Fence` when one runs
 //!   out and `Unfence` when a fenced broker heartbeats again; a new active controller gives
@@ -13,6 +18,7 @@
 //!   until its own copy has applied them.
 
 pub mod admin;
+pub mod gossip;
 pub mod network;
 pub mod peer;
 pub mod raft;
@@ -29,7 +35,8 @@ use openraft::{BasicNode, Raft, ServerState};
 use quiver_proto::ErrorCode;
 use quiver_proto::codec::{Reader, Writer};
 use quiver_proto::messages::{
-    ClusterMember, ClusterStatusResponse, MemberState, PartitionLeadership, RaftRole, Status,
+    ClusterMember, ClusterStatusResponse, GossipStatus, MemberState, PartitionLeadership, RaftRole,
+    Status,
 };
 use quiver_proto::peer::{BrokerHeartbeat, Hello, NotController, PeerApi};
 use quiver_transport::{ClientTrust, Server, ServerIdentity, TransportSettings};
@@ -55,6 +62,8 @@ pub struct ClusterSettings {
     pub seeds: Vec<String>,
     /// The controller voters' node ids.
     pub voters: BTreeSet<u32>,
+    /// Gossip timing.
+    pub gossip: gossip::GossipSettings,
     /// How often a broker heartbeats the controller.
     pub heartbeat: Duration,
     /// A broker that has not heartbeated for this long is fenced.
@@ -97,6 +106,8 @@ pub struct Cluster {
     changes: watch::Receiver<u64>,
     peers: Arc<PeerClient>,
     server: Arc<Server>,
+    /// Membership by gossip: discovery and an advisory view of who is up.
+    gossip: gossip::Gossip,
     /// Replicated partitions hosted here.
     replicas: replicas::Replicas,
     /// This incarnation's broker epoch, once registered.
@@ -155,6 +166,16 @@ impl Cluster {
             settings.peer_addr = bound.to_string();
         }
         let peers = Arc::new(PeerClient::new(server.clone()));
+        // A new incarnation per start (milliseconds since the epoch), so a restarted node
+        // rejoins gossip at once rather than after being declared down.
+        let me = gossip::Member {
+            node_id: settings.node_id,
+            peer_addr: settings.peer_addr.clone(),
+            client_addr: settings.client_addr.clone(),
+            incarnation: u64::try_from(crate::now_ms()).unwrap_or(0),
+        };
+        let gossip = gossip::Gossip::start(me, peers.clone(), &settings.gossip)
+            .map_err(|e| anyhow::anyhow!("gossip: {e}"))?;
         let config = openraft::Config {
             cluster_name: "quiver".into(),
             heartbeat_interval: settings.raft_heartbeat_ms,
@@ -180,8 +201,9 @@ impl Cluster {
             raft,
             applied,
             changes,
-            peers,
+            peers: peers.clone(),
             server: server.clone(),
+            gossip,
             replicas: replicas::Replicas::default(),
             epoch: watch::channel(None).0,
             isolated: watch::channel(false).0,
@@ -191,7 +213,12 @@ impl Cluster {
             tasks: Default::default(),
         });
         let tasks = vec![
-            tokio::spawn(peer::serve(server, cluster.clone())),
+            tokio::spawn(peer::serve_with_datagrams(
+                server,
+                cluster.clone(),
+                peers.datagram_sink(),
+            )),
+            tokio::spawn(cluster.clone().join_gossip()),
             tokio::spawn(cluster.clone().bootstrap()),
             tokio::spawn(cluster.clone().broker_loop()),
             tokio::spawn(cluster.clone().controller_loop()),
@@ -399,8 +426,19 @@ impl Cluster {
             }
             let mut known = BTreeMap::from([(me, self.settings.peer_addr.clone())]);
             let mut led_elsewhere = false;
-            for seed in &self.settings.seeds {
-                if let Ok(h) = self.hello(seed).await {
+            // The seeds, and the voters gossip has found alive (a voter need not be a seed).
+            let mut targets = self.settings.seeds.clone();
+            for m in self.gossip.members() {
+                if m.state == gossip::GossipState::Alive
+                    && m.node_id != me
+                    && self.settings.voters.contains(&m.node_id)
+                    && !targets.contains(&m.peer_addr)
+                {
+                    targets.push(m.peer_addr);
+                }
+            }
+            for target in &targets {
+                if let Ok(h) = self.hello(target).await {
                     led_elsewhere |= h.controller != 0;
                     if self.settings.voters.contains(&h.node_id) {
                         known.insert(h.node_id, h.peer_addr);
@@ -420,6 +458,71 @@ impl Cluster {
             }
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
+    }
+
+    /// Joins gossip: announces this node to every seed (once a `Hello` names it) and to
+    /// every peer the metadata knows; again every few seconds while gossip has found no other
+    /// live member.
+    async fn join_gossip(self: Arc<Self>) {
+        let me = self.settings.node_id;
+        loop {
+            let mut seeds: Vec<gossip::Member> = Vec::new();
+            for seed in &self.settings.seeds {
+                if let Ok(h) = self.hello(seed).await
+                    && h.node_id != me
+                {
+                    seeds.push(gossip::Member {
+                        node_id: h.node_id,
+                        peer_addr: h.peer_addr,
+                        client_addr: h.client_addr,
+                        incarnation: 0,
+                    });
+                }
+            }
+            let from_metadata: Vec<gossip::Member> = self.read(|a| {
+                a.metadata
+                    .peer_addrs
+                    .iter()
+                    .filter(|(id, _)| **id != me)
+                    .map(|(id, peer_addr)| gossip::Member {
+                        node_id: *id,
+                        peer_addr: peer_addr.clone(),
+                        client_addr: a
+                            .metadata
+                            .control
+                            .brokers()
+                            .get(id)
+                            .map(|b| b.addr.clone())
+                            .unwrap_or_default(),
+                        incarnation: 0,
+                    })
+                    .collect()
+            });
+            for m in seeds.into_iter().chain(from_metadata) {
+                if self.gossip.announce(m).await.is_err() {
+                    return;
+                }
+            }
+            let mut members = self.gossip.subscribe();
+            loop {
+                let others_alive = members
+                    .borrow_and_update()
+                    .iter()
+                    .any(|m| m.node_id != me && m.state == gossip::GossipState::Alive);
+                if !others_alive {
+                    break;
+                }
+                if members.changed().await.is_err() {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    }
+
+    /// What gossip says of each member this node's gossip knows.
+    pub fn gossip_members(&self) -> Vec<gossip::GossipView> {
+        self.gossip.members()
     }
 
     async fn hello(&self, addr: &str) -> Result<Hello, String> {
@@ -740,6 +843,10 @@ impl Cluster {
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
         }
+        // Tell gossip this node leaves (the others see it down at once, not after probes).
+        if let Err(e) = self.gossip.leave().await {
+            tracing::debug!(error = %e, "gossip leave");
+        }
         self.peers.shutdown().await;
         self.server.shutdown(0, "node shutting down").await;
     }
@@ -747,6 +854,12 @@ impl Cluster {
     /// The ClusterStatus answer from this node's copy.
     pub fn status(&self) -> ClusterStatusResponse {
         let m = self.raft.metrics().borrow().clone();
+        let gossip: BTreeMap<u32, gossip::GossipView> = self
+            .gossip
+            .members()
+            .into_iter()
+            .map(|m| (m.node_id, m))
+            .collect();
         self.read(|a| {
             let membership = a.membership.membership();
             let voters: BTreeSet<RaftId> = membership.voter_ids().collect();
@@ -756,20 +869,27 @@ impl Cluster {
                     .nodes()
                     .filter_map(|(id, _)| u32::try_from(*id).ok()),
             );
+            // Members only gossip knows of (up, not yet in the group or registered).
+            ids.extend(gossip.keys().copied());
             let members = ids
                 .into_iter()
                 .map(|id| {
                     let b = a.metadata.control.brokers().get(&id);
                     let rid = u64::from(id);
+                    let g = gossip.get(&id);
                     ClusterMember {
                         node_id: id,
-                        addr: b.map(|b| b.addr.clone()).unwrap_or_default(),
+                        addr: b
+                            .map(|b| b.addr.clone())
+                            .or_else(|| g.map(|g| g.client_addr.clone()))
+                            .unwrap_or_default(),
                         peer_addr: a
                             .metadata
                             .peer_addrs
                             .get(&id)
                             .cloned()
                             .or_else(|| membership.get_node(&rid).map(|n| n.addr.clone()))
+                            .or_else(|| g.map(|g| g.peer_addr.clone()))
                             .unwrap_or_default(),
                         role: if voters.contains(&rid) {
                             RaftRole::Voter
@@ -784,6 +904,12 @@ impl Cluster {
                             Some(_) => MemberState::Live,
                         },
                         broker_epoch: b.map_or(0, |b| b.epoch),
+                        gossip: match g.map(|g| g.state) {
+                            None => GossipStatus::Unknown,
+                            Some(gossip::GossipState::Alive) => GossipStatus::Alive,
+                            Some(gossip::GossipState::Suspect) => GossipStatus::Suspect,
+                            Some(gossip::GossipState::Down) => GossipStatus::Down,
+                        },
                     }
                 })
                 .collect();

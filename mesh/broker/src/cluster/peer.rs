@@ -1,9 +1,13 @@
 //! The peer protocol's two ends: [`PeerClient`] (one QUIC connection per peer, one request
 //! per stream) and the request loop of the peer endpoint, which hands each request to a
 //! [`PeerHandler`].
+//!
+//! Besides requests, peer connections carry unreliable QUIC datagrams (gossip): whatever
+//! arrives on any peer connection, accepted or dialled, goes to one [`DatagramSink`], and
+//! [`PeerClient::send_datagram`] sends over the cached connection.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -11,7 +15,9 @@ use quiver_proto::codec::Writer;
 use quiver_proto::frame::{FRAME_LENGTH_BYTES, check_length_prefix};
 use quiver_proto::peer::PeerApi;
 use quiver_proto::{ErrorCode, RequestHeader, ResponseHeader};
-use quiver_transport::{Connection, RecvStream, SendStream, Server};
+use quiver_transport::{Connection, RecvStream, SendStream, Server, TransportError};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
 /// Largest peer frame, either way (a Raft snapshot chunk, a batch of log entries).
 pub const PEER_FRAME_BYTES_MAX: usize = 64 << 20;
@@ -34,11 +40,54 @@ pub enum PeerError {
     Timeout(String),
 }
 
+/// Where datagrams from peers go: one receiver, attached once (by the gossip layer), shared by
+/// the [`PeerClient`] and the accept loop. Until a receiver is attached, datagrams are dropped.
+#[derive(Clone, Debug, Default)]
+pub struct DatagramSink(Arc<OnceLock<mpsc::Sender<Bytes>>>);
+
+impl DatagramSink {
+    /// Sends every datagram from now on to `tx`; `false` (and `tx` unused) if a receiver is
+    /// attached already.
+    pub fn attach(&self, tx: mpsc::Sender<Bytes>) -> bool {
+        self.0.set(tx).is_ok()
+    }
+
+    /// Hands one datagram over without waiting: datagrams are unreliable anyway, and a slow
+    /// receiver must not hold up the connection's reader.
+    fn deliver(&self, datagram: Bytes) {
+        let Some(tx) = self.0.get() else { return };
+        if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(datagram) {
+            tracing::debug!("datagram receiver is full, datagram dropped");
+        }
+    }
+
+    /// Reads `conn`'s datagrams into the sink until the connection closes.
+    async fn read_from(self, conn: Connection) {
+        while let Ok(datagram) = conn.read_datagram().await {
+            self.deliver(datagram);
+        }
+    }
+}
+
+/// A cached connection and the task reading its datagrams. Dropping it stops the reader, so
+/// the reader's handle never keeps a forgotten connection open.
+struct Cached {
+    conn: Connection,
+    reader: JoinHandle<()>,
+}
+
+impl Drop for Cached {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
 /// Calls to peers, over one cached connection per address.
 pub struct PeerClient {
     /// The node's peer endpoint: it dials from the port it listens on.
     endpoint: Arc<Server>,
-    conns: tokio::sync::Mutex<HashMap<String, Connection>>,
+    conns: tokio::sync::Mutex<HashMap<String, Cached>>,
+    datagrams: DatagramSink,
 }
 
 impl std::fmt::Debug for PeerClient {
@@ -53,12 +102,19 @@ impl PeerClient {
         Self {
             endpoint,
             conns: tokio::sync::Mutex::new(HashMap::new()),
+            datagrams: DatagramSink::default(),
         }
+    }
+
+    /// The sink that datagrams of this client's connections go to; pass it to
+    /// [`serve_with_datagrams`] so that accepted connections feed the same one.
+    pub fn datagram_sink(&self) -> DatagramSink {
+        self.datagrams.clone()
     }
 
     async fn connection(&self, addr: &str) -> Result<Connection, PeerError> {
         if let Some(c) = self.conns.lock().await.get(addr) {
-            return Ok(c.clone());
+            return Ok(c.conn.clone());
         }
         // Connect without holding the map: a dead peer's handshake must not hold up calls
         // to the live ones (a controller election needs them at once).
@@ -74,10 +130,38 @@ impl PeerClient {
         // Two calls may have connected at once: keep the first, close the other.
         if let Some(existing) = conns.get(addr) {
             c.close(0, "duplicate");
-            return Ok(existing.clone());
+            return Ok(existing.conn.clone());
         }
-        conns.insert(addr.to_string(), c.clone());
+        let reader = tokio::spawn(self.datagrams.clone().read_from(c.clone()));
+        conns.insert(
+            addr.to_string(),
+            Cached {
+                conn: c.clone(),
+                reader,
+            },
+        );
         Ok(c)
+    }
+
+    /// Sends one datagram to the peer at `addr`, dialling it first if there is no connection
+    /// yet (that wait is bounded by the endpoint's connect timeout). Delivery is not
+    /// confirmed; a datagram larger than the connection's current limit fails with a
+    /// transport error and leaves the connection in place.
+    pub async fn send_datagram(&self, addr: &str, datagram: Bytes) -> Result<(), PeerError> {
+        let conn = self.connection(addr).await?;
+        match conn.send_datagram(datagram) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                if !matches!(e, TransportError::TooLong { .. }) {
+                    // The next datagram connects anew (the peer may have restarted).
+                    self.forget(addr).await;
+                }
+                Err(PeerError::Transport {
+                    addr: addr.to_string(),
+                    reason: e.to_string(),
+                })
+            }
+        }
     }
 
     async fn forget(&self, addr: &str) {
@@ -135,7 +219,7 @@ impl PeerClient {
     /// Forgets every connection (the endpoint itself is shut down by its owner).
     pub async fn shutdown(&self) {
         for (_, c) in self.conns.lock().await.drain() {
-            c.close(0, "node shutting down");
+            c.conn.close(0, "node shutting down");
         }
     }
 }
@@ -195,14 +279,29 @@ pub trait PeerHandler: Send + Sync + 'static {
     ) -> impl std::future::Future<Output = PeerAnswer> + Send;
 }
 
-/// Accepts peer connections until the endpoint closes.
+/// Accepts peer connections until the endpoint closes; datagrams they carry are dropped.
 pub async fn serve<H: PeerHandler>(server: Arc<Server>, handler: Arc<H>) {
+    serve_with_datagrams(server, handler, DatagramSink::default()).await;
+}
+
+/// Accepts peer connections until the endpoint closes, serving requests with `handler` and
+/// handing datagrams to `datagrams` (usually [`PeerClient::datagram_sink`]).
+pub async fn serve_with_datagrams<H: PeerHandler>(
+    server: Arc<Server>,
+    handler: Arc<H>,
+    datagrams: DatagramSink,
+) {
     while let Some(conn) = server.accept().await {
         let handler = handler.clone();
+        let datagrams = datagrams.clone();
         tokio::spawn(async move {
-            while let Ok(Some((send, recv))) = conn.accept_bi().await {
-                tokio::spawn(serve_stream(handler.clone(), send, recv));
-            }
+            let requests = async {
+                while let Ok(Some((send, recv))) = conn.accept_bi().await {
+                    tokio::spawn(serve_stream(handler.clone(), send, recv));
+                }
+            };
+            // Both loops end when the connection closes.
+            tokio::join!(requests, datagrams.read_from(conn.clone()));
         });
     }
 }
