@@ -26,6 +26,23 @@ async fn exchange(conn: &Connection, frame: &[u8]) -> ErrorCode {
     ErrorCode::from_code(header.error)
 }
 
+/// The next answer frame on a stream, or `None` at its end.
+async fn next_answer(recv: &mut quiver_transport::RecvStream) -> Option<ErrorCode> {
+    let mut prefix = [0u8; 4];
+    let first = recv.read_chunk(4).await.unwrap()?;
+    prefix[..first.len()].copy_from_slice(&first);
+    recv.read_exact(&mut prefix[first.len()..]).await.unwrap();
+    let rest = recv
+        .read_exact_bytes(u32::from_le_bytes(prefix) as usize)
+        .await
+        .unwrap();
+    let mut whole = BytesMut::new();
+    whole.put_slice(&prefix);
+    whole.put_slice(&rest);
+    let (header, _) = ResponseHeader::decode(whole.freeze()).unwrap();
+    Some(ErrorCode::from_code(header.error))
+}
+
 fn frame(api: u16, body: &[u8]) -> Vec<u8> {
     RequestHeader {
         api,
@@ -134,6 +151,35 @@ async fn bad_peer_frames_get_clear_errors_and_the_node_keeps_serving() {
         exchange(&conn, &frame(PeerApi::ReplicaFetch.code(), &whole)).await,
         ErrorCode::NotLeader
     );
+    // A replica fetch stream carries a series of fetches, each answered in turn while the
+    // stream stays open; another API on it is refused and ends it, as does a cut frame.
+    for (tail, last) in [
+        (frame(PeerApi::Hello.code(), &hello), ErrorCode::InvalidRequest),
+        (
+            frame(PeerApi::ReplicaFetch.code(), &whole)[..9].to_vec(),
+            ErrorCode::InvalidRequest,
+        ),
+    ] {
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        for _ in 0..3 {
+            send.write_all(&frame(PeerApi::ReplicaFetch.code(), &whole))
+                .await
+                .unwrap();
+            assert_eq!(next_answer(&mut recv).await, Some(ErrorCode::NotLeader));
+        }
+        send.write_all(&tail).await.unwrap();
+        send.finish().unwrap();
+        assert_eq!(next_answer(&mut recv).await, Some(last));
+        assert_eq!(next_answer(&mut recv).await, None, "the stream ends there");
+    }
+    // Finishing between two fetches ends the stream quietly.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&frame(PeerApi::ReplicaFetch.code(), &whole))
+        .await
+        .unwrap();
+    assert_eq!(next_answer(&mut recv).await, Some(ErrorCode::NotLeader));
+    send.finish().unwrap();
+    assert_eq!(next_answer(&mut recv).await, None);
     let mut w = Writer::new();
     BrokerHeartbeat {
         node_id: 1,

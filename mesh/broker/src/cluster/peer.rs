@@ -1,6 +1,8 @@
 //! The peer protocol's two ends: [`PeerClient`] (one QUIC connection per peer, one request
 //! per stream) and the request loop of the peer endpoint, which hands each request to a
-//! [`PeerHandler`].
+//! [`PeerHandler`]. Replica fetches may instead travel on one long-lived stream per
+//! follower and partition ([`PeerSession`]): a series of requests, each answered before the
+//! next is sent.
 //!
 //! Besides requests, peer connections carry unreliable QUIC datagrams (gossip): whatever
 //! arrives on any peer connection, accepted or dialled, goes to one [`DatagramSink`], and
@@ -23,6 +25,8 @@ use tokio::task::JoinHandle;
 pub const PEER_FRAME_BYTES_MAX: usize = 64 << 20;
 /// How long a peer may take to send a whole request.
 const PEER_REQUEST_READ: Duration = Duration::from_secs(10);
+/// How long a replica fetch session may wait for its next request before the leader ends it.
+const SESSION_IDLE: Duration = Duration::from_secs(30);
 
 /// A peer call failed before an answer arrived.
 #[derive(Debug, thiserror::Error)]
@@ -164,8 +168,39 @@ impl PeerClient {
         }
     }
 
-    async fn forget(&self, addr: &str) {
+    /// Drops the cached connection to `addr`: the next call dials anew (the peer may have
+    /// restarted).
+    pub async fn forget(&self, addr: &str) {
         self.conns.lock().await.remove(addr);
+    }
+
+    /// Opens a long-lived stream to `addr` for a series of replica fetches (see
+    /// [`PeerSession`]).
+    pub async fn open_session(
+        &self,
+        addr: &str,
+        timeout: Duration,
+    ) -> Result<PeerSession, PeerError> {
+        let attempt = async {
+            let conn = self.connection(addr).await?;
+            let (send, recv) = conn.open_bi().await.map_err(|e| PeerError::Transport {
+                addr: addr.to_string(),
+                reason: e.to_string(),
+            })?;
+            Ok(PeerSession {
+                addr: addr.to_string(),
+                send,
+                recv,
+            })
+        };
+        let r = match tokio::time::timeout(timeout, attempt).await {
+            Ok(r) => r,
+            Err(_) => Err(PeerError::Timeout(addr.to_string())),
+        };
+        if r.is_err() {
+            self.forget(addr).await;
+        }
+        r
     }
 
     /// Sends one request and returns the answer's code and body (on an error code, the body
@@ -224,11 +259,90 @@ impl PeerClient {
     }
 }
 
+/// One follower's long-lived stream to its leader for a partition's replica fetches: each
+/// request is written without finishing the stream and answered on it, in order. Dropping
+/// the session finishes the stream, which ends it on the leader.
+#[derive(Debug)]
+pub struct PeerSession {
+    addr: String,
+    send: SendStream,
+    recv: RecvStream,
+}
+
+impl PeerSession {
+    /// The peer this session is with.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Sends one request on the session and waits for its answer. After an error the
+    /// session is unusable (the answer may still be on its way): drop it and open another.
+    pub async fn call(
+        &mut self,
+        api: PeerApi,
+        body: &[u8],
+        timeout: Duration,
+    ) -> Result<(ErrorCode, Bytes), PeerError> {
+        let addr = self.addr.clone();
+        let transport = |reason: String| PeerError::Transport {
+            addr: addr.clone(),
+            reason,
+        };
+        let attempt = async {
+            let frame = RequestHeader {
+                api: api.code(),
+                version: 1,
+                request_id: 0,
+            }
+            .encode(body);
+            self.send
+                .write_chunks(&mut [frame])
+                .await
+                .map_err(|e| transport(e.to_string()))?;
+            let frame = read_frame(&mut self.recv).await.map_err(&transport)?;
+            let (header, body) =
+                ResponseHeader::decode(frame).map_err(|e| transport(e.to_string()))?;
+            Ok((ErrorCode::from_code(header.error), body))
+        };
+        match tokio::time::timeout(timeout, attempt).await {
+            Ok(r) => r,
+            Err(_) => Err(PeerError::Timeout(self.addr.clone())),
+        }
+    }
+}
+
+/// The next frame of a session, or `None` when the peer finished the stream between frames.
+async fn read_next_frame(recv: &mut RecvStream) -> Result<Option<Bytes>, String> {
+    let Some(first) = recv
+        .read_chunk(FRAME_LENGTH_BYTES)
+        .await
+        .map_err(|e| e.to_string())?
+    else {
+        return Ok(None);
+    };
+    let mut prefix = [0u8; FRAME_LENGTH_BYTES];
+    prefix[..first.len()].copy_from_slice(&first);
+    if first.len() < FRAME_LENGTH_BYTES {
+        recv.read_exact(&mut prefix[first.len()..])
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    read_frame_after(recv, prefix).await.map(Some)
+}
+
 async fn read_frame(recv: &mut RecvStream) -> Result<Bytes, String> {
     let mut prefix = [0u8; FRAME_LENGTH_BYTES];
     recv.read_exact(&mut prefix)
         .await
         .map_err(|e| e.to_string())?;
+    read_frame_after(recv, prefix).await
+}
+
+/// The rest of a frame whose length prefix was read.
+async fn read_frame_after(
+    recv: &mut RecvStream,
+    prefix: [u8; FRAME_LENGTH_BYTES],
+) -> Result<Bytes, String> {
     let length = check_length_prefix(prefix, PEER_FRAME_BYTES_MAX).map_err(|e| e.to_string())?;
     let rest = recv
         .read_exact_bytes(length)
@@ -333,6 +447,10 @@ async fn serve_stream<H: PeerHandler>(handler: Arc<H>, mut send: SendStream, mut
         }
     };
     let a = match PeerApi::from_code(header.api) {
+        Some(PeerApi::ReplicaFetch) => {
+            let a = handler.clone().handle(PeerApi::ReplicaFetch, body).await;
+            return fetch_session(handler, send, recv, a).await;
+        }
         Some(api) => handler.handle(api, body).await,
         None => PeerAnswer::err(
             ErrorCode::UnsupportedApi,
@@ -342,14 +460,68 @@ async fn serve_stream<H: PeerHandler>(handler: Arc<H>, mut send: SendStream, mut
     answer(&mut send, header.api, a).await;
 }
 
-async fn answer(send: &mut SendStream, api: u16, a: PeerAnswer) {
+/// A replica fetch stream: answers `first`, then every further ReplicaFetch the follower
+/// sends on the stream, in order, until it finishes the stream (or goes quiet for
+/// `SESSION_IDLE`). A follower that sends one request and finishes gets one answer, as on
+/// any other stream.
+async fn fetch_session<H: PeerHandler>(
+    handler: Arc<H>,
+    mut send: SendStream,
+    mut recv: RecvStream,
+    first: PeerAnswer,
+) {
+    let api = PeerApi::ReplicaFetch.code();
+    if !write_answer(&mut send, api, first).await {
+        return;
+    }
+    loop {
+        let frame = match tokio::time::timeout(SESSION_IDLE, read_next_frame(&mut recv)).await {
+            Ok(Ok(Some(f))) => f,
+            // Finished between requests, or idle: the session ends.
+            Ok(Ok(None)) | Err(_) => break,
+            Ok(Err(e)) => {
+                return answer(&mut send, api, PeerAnswer::err(ErrorCode::InvalidRequest, &e))
+                    .await;
+            }
+        };
+        let a = match RequestHeader::decode(frame) {
+            Err(e) => PeerAnswer::err(ErrorCode::InvalidRequest, &e.to_string()),
+            Ok((header, _)) if header.api != api => {
+                return answer(
+                    &mut send,
+                    header.api,
+                    PeerAnswer::err(
+                        ErrorCode::InvalidRequest,
+                        &format!(
+                            "peer api {} on a replica fetch stream, which carries fetches only",
+                            header.api
+                        ),
+                    ),
+                )
+                .await;
+            }
+            Ok((_, body)) => handler.clone().handle(PeerApi::ReplicaFetch, body).await,
+        };
+        if !write_answer(&mut send, api, a).await {
+            return;
+        }
+    }
+    let _ = send.finish();
+}
+
+/// Writes one answer frame and leaves the stream open; `false` if the peer is gone.
+async fn write_answer(send: &mut SendStream, api: u16, a: PeerAnswer) -> bool {
     let frame = ResponseHeader {
         api,
         error: a.code.code(),
         request_id: 0,
     }
     .encode(&a.body);
-    if send.write_chunks(&mut [frame]).await.is_ok() {
+    send.write_chunks(&mut [frame]).await.is_ok()
+}
+
+async fn answer(send: &mut SendStream, api: u16, a: PeerAnswer) {
+    if write_answer(send, api, a).await {
         let _ = send.finish();
     }
 }

@@ -26,7 +26,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::Cluster;
-use super::peer::PeerAnswer;
+use super::peer::{PeerAnswer, PeerClient, PeerError, PeerSession};
 use crate::partition::{Partition, Replication, Role};
 
 /// Most record bytes a follower asks for per fetch.
@@ -335,6 +335,9 @@ async fn follow(cluster: Weak<Cluster>, replica: Arc<Replica>) {
     let mut state = replica.state.subscribe();
     let part = replica.partition.clone();
     let mut backoff = Duration::from_millis(50);
+    // The long-lived fetch stream to the current leader (reopened after an error or when
+    // the leader changes).
+    let mut session: Option<PeerSession> = None;
     loop {
         let current = state.borrow_and_update().clone();
         let Some((s, leader_addr)) = current else {
@@ -385,10 +388,21 @@ async fn follow(cluster: Weak<Cluster>, replica: Arc<Replica>) {
         // wait at once: the fetch to a dead leader would otherwise hold the follower for the
         // whole call timeout.
         let body = w.into_bytes();
+        if session.as_ref().is_some_and(|s| s.addr() != leader_addr) {
+            session = None;
+        }
         let call = tokio::select! {
-            r = peers.call(&leader_addr, PeerApi::ReplicaFetch, &body, Duration::from_secs(10)) => r,
-            _ = state.changed() => continue,
+            r = fetch_on_session(&peers, &mut session, &leader_addr, &body) => r,
+            _ = state.changed() => {
+                // The answer in flight, if any, is for the old state: start a new stream.
+                session = None;
+                continue;
+            }
         };
+        if call.is_err() {
+            session = None;
+            peers.forget(&leader_addr).await;
+        }
         let answer = match call {
             Ok((ErrorCode::None, body)) => ReplicaFetchResponse::decode(&mut Reader::new(body))
                 .map_err(|e| format!("bad answer: {e}")),
@@ -454,6 +468,21 @@ async fn follow(cluster: Weak<Cluster>, replica: Arc<Replica>) {
             }
         }
     }
+}
+
+/// One fetch on the session to `leader_addr`, opening the session first when there is none.
+async fn fetch_on_session(
+    peers: &PeerClient,
+    session: &mut Option<PeerSession>,
+    leader_addr: &str,
+    body: &[u8],
+) -> Result<(ErrorCode, Bytes), PeerError> {
+    let timeout = Duration::from_secs(10);
+    let s = match session {
+        Some(s) => s,
+        None => session.insert(peers.open_session(leader_addr, timeout).await?),
+    };
+    s.call(PeerApi::ReplicaFetch, body, timeout).await
 }
 
 /// The leader's loop: keeps the high watermark moving with the log (appends, fsyncs) and
