@@ -9,6 +9,9 @@
 #
 #   scripts/bench-cluster.sh [DIR] [REPEATS] [FAILOVERS]     (COUNT=records per run)
 #
+# Each round also runs `quiver perf e2e --acks all --rate RATE` (default 50,000 records/s,
+# ten seconds) against both: acknowledgement and end-to-end latency when not saturated.
+#
 # FAILOVER_ON=controller first moves partition 0's leadership to the active controller
 # (`quiver partition reassign` + `partition elect --preferred`), so every kill is the worst
 # case: the partition leader and the controller at once.
@@ -63,12 +66,20 @@ perf() { # server ca topic
   "$bin" perf produce --server "$1" --ca "$2" --topic "$3" --acks all --count "$count" \
     --record-bytes 100 --json
 }
+paced() { # server ca topic: acks=all latency at a fixed rate, not saturated
+  "$bin" perf e2e --server "$1" --ca "$2" --topic "$3" --acks all --rate "$rate" \
+    --count $(( rate * 10 )) --record-bytes 100 --json
+}
+rate="${RATE:-50000}"
 : > "$dir/results.jsonl"
 for r in $(seq 1 "$repeats"); do
   echo "round $r: single node"
   perf 127.0.0.1:7600 "$ca_single" perf-single | sed 's/^{/{"setup":"single",/' | tee -a "$dir/results.jsonl"
   echo "round $r: three nodes, RF=3, min ISR 2"
   perf 127.0.0.1:7610 "$ca" perf-rf3 | sed 's/^{/{"setup":"rf3",/' | tee -a "$dir/results.jsonl"
+  echo "round $r: paced at $rate records/s, single node, then three nodes"
+  paced 127.0.0.1:7600 "$ca_single" perf-single | sed 's/^{/{"setup":"single",/' | tee -a "$dir/results.jsonl"
+  paced 127.0.0.1:7610 "$ca" perf-rf3 | sed 's/^{/{"setup":"rf3",/' | tee -a "$dir/results.jsonl"
 done
 
 : > "$dir/failover.txt"

@@ -154,7 +154,10 @@ async fn bad_peer_frames_get_clear_errors_and_the_node_keeps_serving() {
     // A replica fetch stream carries a series of fetches, each answered in turn while the
     // stream stays open; another API on it is refused and ends it, as does a cut frame.
     for (tail, last) in [
-        (frame(PeerApi::Hello.code(), &hello), ErrorCode::InvalidRequest),
+        (
+            frame(PeerApi::Hello.code(), &hello),
+            ErrorCode::InvalidRequest,
+        ),
         (
             frame(PeerApi::ReplicaFetch.code(), &whole)[..9].to_vec(),
             ErrorCode::InvalidRequest,

@@ -480,8 +480,12 @@ async fn fetch_session<H: PeerHandler>(
             // Finished between requests, or idle: the session ends.
             Ok(Ok(None)) | Err(_) => break,
             Ok(Err(e)) => {
-                return answer(&mut send, api, PeerAnswer::err(ErrorCode::InvalidRequest, &e))
-                    .await;
+                return answer(
+                    &mut send,
+                    api,
+                    PeerAnswer::err(ErrorCode::InvalidRequest, &e),
+                )
+                .await;
             }
         };
         let a = match RequestHeader::decode(frame) {
