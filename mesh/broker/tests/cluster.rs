@@ -346,6 +346,25 @@ fn three_nodes_form_a_cluster_place_topics_and_survive_losing_the_controller() {
         for p in s.partitions.iter().filter(|p| p.topic == "spread") {
             assert_eq!(p.replicas.len(), 2);
         }
+        // Describing a topic through any node covers every partition: each is asked of its
+        // leader (node 1 does not host all of them).
+        let c1 = cluster.client(1).await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let described = loop {
+            // A leader may not host its partition yet the moment the metadata names it.
+            match c1.describe_topic("spread").await {
+                Ok(d) => {
+                    break d
+                        .partitions
+                        .iter()
+                        .map(|p| p.partition)
+                        .collect::<Vec<u32>>();
+                }
+                Err(e) => assert!(Instant::now() < deadline, "describe: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(described, vec![0, 1, 2]);
         // Every node answers metadata (and topic listings) from its own copy, whether it
         // hosts the topic or not.
         c.create_topic("one-replica", 1, &[]).await.unwrap();

@@ -1,5 +1,6 @@
 //! The connection and request/response plumbing shared by admin, producer and consumer.
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -707,7 +708,74 @@ impl Client {
     }
 
     /// Settings and offsets of a topic.
+    ///
+    /// In a cluster each node describes the partitions it hosts, so the partitions are asked
+    /// of their leaders (from fresh metadata) and merged; a partition without a leader is
+    /// left out, and a leader that cannot answer fails the call (retry).
     pub async fn describe_topic(&self, name: &str) -> Result<TopicDescription, ClientError> {
+        if self.inner.direct {
+            return self.describe_here(name).await;
+        }
+        let m: MetadataResponse = self
+            .request(
+                &MetadataRequest {
+                    topics: Some(vec![name.to_string()]),
+                },
+                0,
+            )
+            .await?;
+        if m.brokers.len() <= 1 {
+            return self.describe_here(name).await;
+        }
+        let Some(t) = m.topics.into_iter().next() else {
+            return Err(ClientError::Protocol("empty metadata response".into()));
+        };
+        if !t.status.is_ok() {
+            return Err(ClientError::server(&t.status));
+        }
+        let addrs: HashMap<u32, String> =
+            m.brokers.into_iter().map(|b| (b.node_id, b.addr)).collect();
+        let mut by_leader: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+        for p in &t.partitions {
+            if let Some(addr) = addrs.get(&p.leader) {
+                by_leader.entry(addr.clone()).or_default().push(p.partition);
+            }
+        }
+        let mut merged: Option<TopicDescription> = None;
+        let mut partitions = Vec::new();
+        let mut last_error = None;
+        for (addr, led) in by_leader {
+            match self.node(&addr).await.describe_here(name).await {
+                Ok(d) => {
+                    partitions.extend(
+                        d.partitions
+                            .iter()
+                            .filter(|x| led.contains(&x.partition))
+                            .copied(),
+                    );
+                    merged.get_or_insert(d);
+                }
+                Err(e) => last_error = Some(e),
+            }
+        }
+        // A leader that could not answer (not hosting the partition yet, or gone): the
+        // caller retries rather than gets a partial description.
+        if let Some(e) = last_error {
+            return Err(e);
+        }
+        let Some(mut d) = merged else {
+            return Err(ClientError::Server {
+                code: ErrorCode::NotLeader,
+                message: format!("no partition of {name} has a leader"),
+            });
+        };
+        partitions.sort_by_key(|p| p.partition);
+        d.partitions = partitions;
+        Ok(d)
+    }
+
+    /// Settings and offsets of the partitions the connected node hosts.
+    async fn describe_here(&self, name: &str) -> Result<TopicDescription, ClientError> {
         let r: DescribeTopicsResponse = self
             .request(
                 &DescribeTopicsRequest {
