@@ -20,6 +20,7 @@ pub mod cluster;
 pub mod config;
 pub mod epochs;
 pub mod handlers;
+pub mod hw_checkpoint;
 pub mod node;
 pub mod order;
 pub mod partition;

@@ -188,6 +188,8 @@ pub struct Partition {
     dir: PathBuf,
     log: Arc<RwLock<PartitionLog>>,
     high_watermark: watch::Sender<u64>,
+    /// The high watermark last written to the checkpoint file (cluster mode).
+    checkpointed: std::sync::atomic::AtomicU64,
     appends: mpsc::Sender<AppendJob>,
     appender: std::sync::Mutex<Option<JoinHandle<()>>>,
     closing: CancellationToken,
@@ -217,13 +219,19 @@ impl Partition {
             PartitionError::new(ErrorCode::StorageError, format!("leader epochs: {e}"))
         })?;
         let replicated = config.hosted.is_some();
-        // A replica learns its high watermark from replication (what it holds past it may
-        // not be committed); a node alone serves what it recovered.
-        let (hw_tx, _) = watch::channel(if replicated { 0 } else { end });
         let ends = LogEnds {
             end,
             durable: log.durable_end_offset(),
         };
+        // A replica's high watermark is replication's (what it holds past it may not be
+        // committed): it starts from its checkpoint, capped at what is on disk. A node alone
+        // serves what it recovered.
+        let checkpointed = if replicated {
+            crate::hw_checkpoint::load(&dir).map_or(0, |hw| hw.min(ends.durable))
+        } else {
+            end
+        };
+        let (hw_tx, _) = watch::channel(checkpointed);
         let (tx, rx) = mpsc::channel(APPEND_QUEUE_JOBS_MAX);
         let partition = Arc::new(Self {
             role: watch::channel(if replicated {
@@ -241,6 +249,7 @@ impl Partition {
             dir,
             log: Arc::new(RwLock::new(log)),
             high_watermark: hw_tx,
+            checkpointed: std::sync::atomic::AtomicU64::new(checkpointed),
             appends: tx,
             appender: std::sync::Mutex::new(None),
             closing: CancellationToken::new(),
@@ -377,6 +386,19 @@ impl Partition {
         });
     }
 
+    /// Writes the high watermark to the partition's checkpoint file if it moved since the
+    /// last write (cluster mode; see `hw_checkpoint`).
+    pub async fn checkpoint_high_watermark(&self) -> Result<(), PartitionError> {
+        let hw = self.high_watermark();
+        if self.checkpointed.load(Ordering::Relaxed) == hw || self.deleting.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let dir = self.dir.clone();
+        blocking_io(move || crate::hw_checkpoint::store(&dir, hw)).await?;
+        self.checkpointed.store(hw, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// Replication's state, for produce (cluster mode).
     pub fn replication(&self) -> Replication {
         *self.replication.borrow()
@@ -477,6 +499,11 @@ impl Partition {
         .map_err(|e| PartitionError::new(ErrorCode::StorageError, e.to_string()))??;
         let hw = self.high_watermark().min(end);
         self.set_high_watermark(hw);
+        // Below the checkpoint only after an unclean election: lower it now, before the log
+        // grows again past it with records that are not committed.
+        if hw < self.checkpointed.load(Ordering::Relaxed) {
+            self.checkpoint_high_watermark().await?;
+        }
         Ok(end)
     }
 
@@ -991,5 +1018,55 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         p.close().await;
+    }
+
+    /// A replica reopened after a restart starts from its checkpointed high watermark,
+    /// capped at what is durable on disk; without a checkpoint it starts at 0 (replication
+    /// restores it); checkpoints are written only when the high watermark moved.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_replica_starts_from_its_checkpoint_capped_at_the_durable_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = open(dir.path(), FlushPolicy::Batch, 1_000).await;
+        for i in 0..10 {
+            p.append(vec![batch(i)]).await.unwrap();
+        }
+        p.close().await;
+        let mut config = TopicConfig::defaults(1);
+        config.hosted = Some(vec![0]);
+        let reopen = || async {
+            Partition::open(
+                TopicName::new("t").unwrap(),
+                PartitionId(0),
+                dir.path().join("t-0"),
+                &config,
+            )
+            .await
+            .unwrap()
+        };
+        let r = reopen().await;
+        assert_eq!(r.high_watermark(), 0, "no checkpoint yet");
+        r.set_high_watermark(6);
+        r.checkpoint_high_watermark().await.unwrap();
+        let written = std::fs::metadata(dir.path().join("t-0").join(crate::hw_checkpoint::FILE))
+            .unwrap()
+            .modified()
+            .unwrap();
+        r.checkpoint_high_watermark().await.unwrap();
+        assert_eq!(
+            std::fs::metadata(dir.path().join("t-0").join(crate::hw_checkpoint::FILE))
+                .unwrap()
+                .modified()
+                .unwrap(),
+            written,
+            "unchanged: not rewritten"
+        );
+        r.close().await;
+        let r = reopen().await;
+        assert_eq!(r.high_watermark(), 6);
+        r.close().await;
+        crate::hw_checkpoint::store(&dir.path().join("t-0"), 1_000).unwrap();
+        let r = reopen().await;
+        assert_eq!(r.high_watermark(), 10, "capped at the durable end");
+        r.close().await;
     }
 }

@@ -1146,6 +1146,19 @@ fn an_operator_elects_an_unclean_leader_and_then_the_preferred_one() {
         .chain((0..50).map(|i| format!("after-{i}")))
         .collect();
     assert_eq!(values, expected, "the log after the unclean election");
+    // Every replica checkpoints the high watermark (the 100 records), for its next start.
+    for id in [1, 2] {
+        let file = cluster.partition_dir(id, topic, 0).join("high-watermark");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::fs::read_to_string(&file).ok().as_deref() != Some("quiver-hw 1\n100\n") {
+            assert!(
+                Instant::now() < deadline,
+                "node {id}: checkpoint {:?}",
+                std::fs::read_to_string(&file)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
     for n in &mut cluster.nodes {
         n.stop();
     }

@@ -386,6 +386,13 @@ impl ReplicaCore {
         self.on_log_change(log);
     }
 
+    /// Starts from a high watermark checkpointed by an earlier incarnation (capped at the
+    /// log's durable end by the caller): it named committed records when written. Never
+    /// lowers what this core knows.
+    pub fn restore_high_watermark(&mut self, high_watermark: u64) {
+        self.high_watermark = self.high_watermark.max(high_watermark);
+    }
+
     /// Forgets followers that are no longer replicas (a reassignment removed them), so none
     /// is proposed for the ISR again.
     pub fn retain_followers(&mut self, replicas: &[NodeId]) {
@@ -663,6 +670,13 @@ impl Replica {
                 },
             )
         })
+    }
+
+    /// Starts from a checkpointed high watermark, capped at the log's durable end (see
+    /// [`ReplicaCore::restore_high_watermark`]).
+    pub fn restore_high_watermark(&mut self, high_watermark: u64) {
+        let hw = high_watermark.min(self.log.durable_end());
+        self.core.restore_high_watermark(hw);
     }
 
     /// Forgets followers that are no longer replicas (see [`ReplicaCore::retain_followers`]).

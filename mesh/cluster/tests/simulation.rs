@@ -6,7 +6,8 @@
 //! another two or three of the four nodes (and cancellations). A node learns of placement
 //! changes from late metadata, as in the broker: a node no longer placed deletes its replica,
 //! a node newly placed starts an empty one, and a leader ignores fetches from nodes that are
-//! not replicas in its copy of the metadata. The
+//! not replicas in its copy of the metadata. Replicas checkpoint their high watermark now
+//! and then and a restarted one starts from its checkpoint (capped at what survived). The
 //! controller is the real `ClusterControl` (broker registration with epochs, leases, fencing,
 //! placement, ISR changes), run as one reliable authority (Raft is not simulated) whose
 //! decisions reach the nodes late.
@@ -89,6 +90,8 @@ struct Sim {
     known: BTreeMap<NodeId, (u32, Vec<NodeId>)>,
     /// Reassignments started (and cancellations), for the run's report.
     moves: u64,
+    /// Per node, the high watermark its replica last checkpointed to disk (it lags).
+    checkpoints: BTreeMap<NodeId, u64>,
     /// Nodes cut off from the others and from the controller, until the given time.
     isolated: BTreeMap<NodeId, u64>,
     settings: Settings,
@@ -138,6 +141,7 @@ impl Sim {
             epochs,
             known,
             moves: 0,
+            checkpoints: BTreeMap::new(),
             isolated: BTreeMap::new(),
             settings,
             pending: Vec::new(),
@@ -206,6 +210,7 @@ impl Sim {
         if was && !is {
             *r = Replica::new(n, self.settings, ReplicaLog::default());
             self.pending.retain(|p| p.0 != n);
+            self.checkpoints.remove(&n);
         }
         if is {
             r.on_leader_and_isr(state, self.now);
@@ -225,7 +230,11 @@ impl Sim {
 
     fn restart(&mut self, n: NodeId) {
         let log = self.disks.remove(&n).unwrap_or_default();
-        let r = Replica::new(n, self.settings, log);
+        let mut r = Replica::new(n, self.settings, log);
+        // It starts from its checkpointed high watermark (capped at what survived on disk).
+        if let Some(hw) = self.checkpoints.get(&n) {
+            r.restore_high_watermark(*hw);
+        }
         // A new incarnation registers: the old one is fenced first (its ISR membership was
         // for a log that may have lost its unsynced tail), then the new one unfenced.
         let before = self.cluster.version();
@@ -348,6 +357,7 @@ impl Sim {
         let mut proposals = Vec::new();
         let sync_each: Vec<bool> = NODES.iter().map(|_| self.rng.chance(50_000)).collect();
         let fetch_each: Vec<bool> = NODES.iter().map(|_| self.rng.chance(300_000)).collect();
+        let checkpoint_each: Vec<bool> = NODES.iter().map(|_| self.rng.chance(20_000)).collect();
         let hosting: Vec<bool> = NODES.iter().map(|n| self.hosts(*n)).collect();
         for (i, n) in NODES.iter().enumerate() {
             let Some(Some(r)) = self.nodes.get_mut(n) else {
@@ -358,6 +368,9 @@ impl Sim {
             }
             if sync_each[i] {
                 r.sync();
+            }
+            if checkpoint_each[i] {
+                self.checkpoints.insert(*n, r.high_watermark());
             }
             if fetch_each[i]
                 && let Some((to, m)) = r.fetch()

@@ -37,6 +37,8 @@ const FETCH_WAIT_MS: u32 = 500;
 pub const REPLICA_LAG_MAX_MS: u64 = 10_000;
 /// How often a leader looks for ISR changes to propose.
 const TICK: Duration = Duration::from_millis(250);
+/// How often a replica's high watermark is checkpointed (when it moved).
+const HW_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 
 fn now_ms() -> u64 {
     u64::try_from(crate::now_ms()).unwrap_or(0)
@@ -108,9 +110,12 @@ impl Replicas {
                     lag_max_ms: REPLICA_LAG_MAX_MS,
                     fetch_entries_max: usize::MAX,
                 };
+                let mut core = ReplicaCore::new(cluster.node_id(), settings);
+                // The partition opened with its checkpointed high watermark.
+                core.restore_high_watermark(partition.high_watermark());
                 let r = Arc::new(Replica {
                     partition: partition.clone(),
-                    core: Mutex::new(ReplicaCore::new(cluster.node_id(), settings)),
+                    core: Mutex::new(core),
                     state: watch::channel(None).0,
                     tasks: Mutex::new(Vec::new()),
                 });
@@ -118,6 +123,7 @@ impl Replicas {
                 let tasks = vec![
                     tokio::spawn(follow(weak.clone(), r.clone())),
                     tokio::spawn(lead(weak, r.clone())),
+                    tokio::spawn(checkpoint(r.partition.clone())),
                 ];
                 *r.tasks.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
                 if let Some(old) = self.map.insert(key, r.clone()) {
@@ -466,6 +472,19 @@ async fn follow(cluster: Weak<Cluster>, replica: Arc<Replica>) {
                 let _ = tokio::time::timeout(backoff, state.changed()).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }
+        }
+    }
+}
+
+/// Writes the partition's high watermark to its checkpoint about once a second while it
+/// moves (see `hw_checkpoint`).
+async fn checkpoint(part: Arc<Partition>) {
+    let mut tick = tokio::time::interval(HW_CHECKPOINT_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = part.checkpoint_high_watermark().await {
+            tracing::warn!(topic = %part.topic(), partition = part.id().0, error = %e, "high-watermark checkpoint not written");
         }
     }
 }
