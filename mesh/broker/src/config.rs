@@ -54,7 +54,8 @@ pub struct BrokerConfig {
     pub cluster: ClusterConfig,
 }
 
-/// Cluster settings. A node is in cluster mode when `controller_voters` is not empty.
+/// Cluster settings. A node is in cluster mode when `controller_voters` or `seeds` is not
+/// empty; with seeds alone it joins a running cluster as a broker that does not vote.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClusterConfig {
@@ -103,7 +104,7 @@ impl Default for ClusterConfig {
 impl ClusterConfig {
     /// Whether the node runs in a cluster.
     pub fn enabled(&self) -> bool {
-        !self.controller_voters.is_empty()
+        !self.controller_voters.is_empty() || !self.seeds.is_empty()
     }
 
     /// The peer endpoint's address for a node listening for clients at `listen`.

@@ -21,7 +21,7 @@ use quiver_client::{
     SeekTo,
 };
 use quiver_proto::messages::{
-    ClusterStatusResponse, GossipStatus, MemberState, PartitionLeadership,
+    ClusterStatusResponse, GossipStatus, MemberState, PartitionLeadership, RaftRole,
 };
 
 const QUIVER: &str = env!("CARGO_BIN_EXE_quiver");
@@ -98,6 +98,58 @@ impl Node {
     }
 }
 
+/// Node `id` of a test cluster under `dir`: fast leases and elections, its peer endpoint on
+/// `port` advertised as `advertised`, `seeds`, and a controller vote if `voter`.
+fn node_for(
+    dir: &std::path::Path,
+    id: u32,
+    port: u16,
+    advertised: u16,
+    seeds: &[u16],
+    voter: bool,
+) -> Node {
+    let data = dir.join(format!("n{id}"));
+    let config = dir.join(format!("n{id}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "[cluster]\nheartbeat_ms = 200\nlease_ms = 1500\nelection_timeout_ms = 600\ngossip_probe_ms = 300\npeer_advertised_addr = \"127.0.0.1:{advertised}\"\n"
+        ),
+    )
+    .unwrap();
+    let mut args: Vec<String> = [
+        "serve",
+        "--node-id",
+        &id.to_string(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--peer-listen",
+        &format!("127.0.0.1:{port}"),
+        "--dev-ca-dir",
+        dir.join("ca").to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if voter {
+        args.extend(["--controller-voters".to_string(), "1,2,3".to_string()]);
+    }
+    if !seeds.is_empty() {
+        let seeds: Vec<String> = seeds.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        args.extend(["--seeds".to_string(), seeds.join(",")]);
+    }
+    Node {
+        id,
+        args,
+        child: None,
+        addr: String::new(),
+    }
+}
+
 impl Drop for Node {
     fn drop(&mut self) {
         self.kill();
@@ -170,51 +222,8 @@ impl Cluster {
         let ca_dir = dir.path().join("ca");
         let nodes = (1..=3u32)
             .map(|id| {
-                let data = dir.path().join(format!("n{id}"));
-                let config = dir.path().join(format!("n{id}.toml"));
-                std::fs::write(
-                    &config,
-                    format!(
-                        "[cluster]\nheartbeat_ms = 200\nlease_ms = 1500\nelection_timeout_ms = 600\ngossip_probe_ms = 300\npeer_advertised_addr = \"127.0.0.1:{}\"\n",
-                        advertised[id as usize - 1]
-                    ),
-                )
-                .unwrap();
-                Node {
-                    id,
-                    args: [
-                        "serve",
-                        "--node-id",
-                        &id.to_string(),
-                        "--data-dir",
-                        data.to_str().unwrap(),
-                        "--listen",
-                        "127.0.0.1:0",
-                        "--peer-listen",
-                        &format!("127.0.0.1:{}", ports[id as usize - 1]),
-                        "--controller-voters",
-                        "1,2,3",
-                        "--dev-ca-dir",
-                        ca_dir.to_str().unwrap(),
-                        "--config",
-                        config.to_str().unwrap(),
-                    ]
-                    .iter()
-                    .map(|s| s.to_string())
-                    .chain({
-                        let seeds: Vec<String> = seeds_of(id)
-                            .iter()
-                            .map(|p| format!("127.0.0.1:{p}"))
-                            .collect();
-                        (!seeds.is_empty())
-                            .then(|| ["--seeds".to_string(), seeds.join(",")])
-                            .into_iter()
-                            .flatten()
-                    })
-                    .collect(),
-                    child: None,
-                    addr: String::new(),
-                }
+                let i = id as usize - 1;
+                node_for(dir.path(), id, ports[i], advertised[i], &seeds_of(id), true)
             })
             .collect();
         let mut c = Cluster {
@@ -226,6 +235,29 @@ impl Cluster {
             n.spawn();
         }
         c
+    }
+
+    /// Starts node `id` (after 1, 2, 3) with `--seeds` alone: a broker joining the running
+    /// cluster, without a vote in the controller.
+    fn join(&mut self, id: u32, seed: u32) {
+        assert_eq!(id as usize, self.nodes.len() + 1);
+        let port = free_udp_port();
+        let seed_port = self.peer_port(seed);
+        let mut n = node_for(self._dir.path(), id, port, port, &[seed_port], false);
+        n.spawn();
+        self.nodes.push(n);
+    }
+
+    /// The advertised peer port of node `id`.
+    fn peer_port(&self, id: u32) -> u16 {
+        let config = PathBuf::from(&self.nodes[id as usize - 1].args[4]).with_extension("toml");
+        let text = std::fs::read_to_string(config).unwrap();
+        let addr = text
+            .lines()
+            .find_map(|l| l.strip_prefix("peer_advertised_addr = "))
+            .unwrap()
+            .trim_matches('"');
+        addr.rsplit_once(':').unwrap().1.parse().unwrap()
     }
 
     fn node(&mut self, id: u32) -> &mut Node {
@@ -979,12 +1011,14 @@ fn an_isolated_leader_is_replaced_and_stops_accepting_writes() {
     }
 }
 
-/// Item 8 of the cluster issue: `quiver partition reassign` moves a partition from nodes
-/// {1, 2} to {3, 2} while an acks=all producer keeps writing. Node 3 copies the log and joins
-/// the ISR, leadership leaves node 1 (removed), node 1 deletes its replica, and every
-/// acknowledged record is still there, in order. Refusals get their own codes.
+/// Items 1 and 8 of the cluster issue: a fourth node started with `--seeds` alone joins the
+/// running cluster as a broker without a controller vote, and `quiver partition reassign`
+/// moves a partition from nodes {1, 2} to {4, 2} while an acks=all producer keeps writing.
+/// Node 4 copies the log and joins the ISR, leadership leaves node 1 (removed), node 1
+/// deletes its replica, and every acknowledged record is still there, in order. Refusals get
+/// their own codes.
 #[test]
-fn a_partition_moves_to_new_replicas_while_a_producer_writes() {
+fn a_new_node_joins_and_a_partition_moves_to_it_while_a_producer_writes() {
     let rt = runtime();
     let mut cluster = Cluster::start();
     let topic = "moving";
@@ -992,8 +1026,18 @@ fn a_partition_moves_to_new_replicas_while_a_producer_writes() {
     rt.block_on(create_topic(&cluster, topic, 1, 2, 2));
     let s = rt.block_on(cluster.wait_status(1, "a leader", |s| leader_of(s, topic, 0) != 0));
     assert_eq!(partition(&s, topic, 0).replicas, vec![1, 2]);
+    cluster.join(4, 2);
+    let s = rt.block_on(cluster.wait_status(1, "node 4 registered and alive", |s| {
+        s.members.iter().any(|m| {
+            m.node_id == 4
+                && m.state == MemberState::Live
+                && m.role == RaftRole::Learner
+                && m.gossip == GossipStatus::Alive
+        })
+    }));
+    assert_eq!(s.members.len(), 4);
     assert!(cluster.partition_dir(1, topic, 0).exists());
-    assert!(!cluster.partition_dir(3, topic, 0).exists());
+    assert!(!cluster.partition_dir(4, topic, 0).exists());
     let writer = Writer::start(&rt, rt.block_on(cluster.client(2)), topic, 1);
     writer.wait_more(3_000);
     let (ok, out) = cluster.cli(
@@ -1003,17 +1047,18 @@ fn a_partition_moves_to_new_replicas_while_a_producer_writes() {
             "reassign",
             "moving/0",
             "--replicas",
-            "3,2",
+            "4,2",
             "--wait",
         ],
     );
     assert!(ok, "reassign failed: {out}");
-    let s = rt.block_on(cluster.wait_status(3, "the move applied on node 3", |s| {
-        partition(s, topic, 0).replicas == vec![3, 2]
+    let s = rt.block_on(cluster.wait_status(4, "the move applied on node 4", |s| {
+        partition(s, topic, 0).replicas == vec![4, 2]
     }));
     let p = partition(&s, topic, 0);
-    assert_eq!((p.leader, p.isr.clone()), (3, vec![2, 3]), "{p:?}");
+    assert_eq!((p.leader, p.isr.clone()), (4, vec![2, 4]), "{p:?}");
     assert!(p.adding.is_empty() && p.removing.is_empty());
+    assert!(cluster.partition_dir(4, topic, 0).exists());
     // Writes go on against the new leader; the removed replica's files go.
     writer.wait_more(1_000);
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -1046,7 +1091,7 @@ fn a_partition_moves_to_new_replicas_while_a_producer_writes() {
     let stored = rt.block_on(async { read_back(cluster.client(1).await, topic, 1).await });
     let duplicates = check_acknowledged(&acked, &stored, 1);
     eprintln!(
-        "moved [1, 2] -> [3, 2] while writing: {sent} sent, {} acknowledged, {failed} failed, {} stored, {duplicates} duplicates",
+        "moved [1, 2] -> [4, 2] while writing: {sent} sent, {} acknowledged, {failed} failed, {} stored, {duplicates} duplicates",
         acked.len(),
         stored.len()
     );

@@ -67,12 +67,13 @@ struct ServeArgs {
     /// Node id (unique in a cluster, from 1).
     #[arg(long)]
     node_id: Option<u32>,
-    /// Peer addresses (host:port of other nodes' peer endpoints) to join through; they must
-    /// include the controller voters'.
+    /// Peer addresses (host:port of other nodes' peer endpoints) to join through; gossip
+    /// finds the other members. Alone (without --controller-voters) they make this node a
+    /// broker joining a running cluster, one that does not vote for the controller.
     #[arg(long, value_delimiter = ',')]
     seeds: Vec<String>,
-    /// Node ids of the controller voters (1, 3 or 5), the same on every node; giving it
-    /// starts the node in cluster mode.
+    /// Node ids of the controller voters (1, 3 or 5), the same on every voter; giving it
+    /// (or --seeds) starts the node in cluster mode.
     #[arg(long, value_delimiter = ',')]
     controller_voters: Vec<u32>,
     /// UDP address of the peer endpoint [default: the --listen port + 1].
@@ -199,9 +200,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     if args.dev_ca_dir.is_some() {
         config.cluster.dev_ca_dir = args.dev_ca_dir;
-    }
-    if !config.cluster.seeds.is_empty() && !config.cluster.enabled() {
-        anyhow::bail!("--seeds needs --controller-voters (the node ids that run the controller)");
     }
     let node = Node::start(config).await?;
     if let Some(ca) = node.ca_file() {

@@ -2,6 +2,7 @@
 //!
 //! - Every node runs the Raft group of [`raft`]: `--controller-voters` vote, every other
 //!   registered broker is added as a learner, so each node applies the metadata log itself.
+//!   A node started with `--seeds` alone joins a running cluster that way.
 //! - Nodes find each other by SWIM gossip ([`gossip`], foca over QUIC datagrams): each
 //!   announces itself to its seeds and to the peers its metadata names. Gossip is for
 //!   discovery and for an advisory view of who is up (ClusterStatus); it never decides
@@ -147,10 +148,16 @@ impl Cluster {
         if settings.node_id == 0 {
             anyhow::bail!("node ids start at 1 in a cluster");
         }
-        if settings.voters.is_empty() {
-            anyhow::bail!("a cluster needs controller voters (--controller-voters 1,2,3)");
+        if settings.voters.is_empty() && settings.seeds.is_empty() {
+            anyhow::bail!(
+                "a cluster needs controller voters (--controller-voters 1,2,3), or seeds to join one that runs (--seeds)"
+            );
         }
-        if settings.voters.len().is_multiple_of(2) || settings.voters.len() > 7 {
+        // Without voters the node joins a running cluster through its seeds, as a broker
+        // (a learner of the metadata log) that never votes.
+        if !settings.voters.is_empty()
+            && (settings.voters.len().is_multiple_of(2) || settings.voters.len() > 7)
+        {
             anyhow::bail!(
                 "{} controller voters: use 1, 3 or 5 (an even count tolerates no more failures than one fewer)",
                 settings.voters.len()
