@@ -190,6 +190,8 @@ pub struct Partition {
     high_watermark: watch::Sender<u64>,
     /// The high watermark last written to the checkpoint file (cluster mode).
     checkpointed: std::sync::atomic::AtomicU64,
+    /// One checkpoint write at a time (the periodic one and a truncation's).
+    checkpoint_lock: tokio::sync::Mutex<()>,
     appends: mpsc::Sender<AppendJob>,
     appender: std::sync::Mutex<Option<JoinHandle<()>>>,
     closing: CancellationToken,
@@ -250,6 +252,7 @@ impl Partition {
             log: Arc::new(RwLock::new(log)),
             high_watermark: hw_tx,
             checkpointed: std::sync::atomic::AtomicU64::new(checkpointed),
+            checkpoint_lock: tokio::sync::Mutex::new(()),
             appends: tx,
             appender: std::sync::Mutex::new(None),
             closing: CancellationToken::new(),
@@ -389,6 +392,9 @@ impl Partition {
     /// Writes the high watermark to the partition's checkpoint file if it moved since the
     /// last write (cluster mode; see `hw_checkpoint`).
     pub async fn checkpoint_high_watermark(&self) -> Result<(), PartitionError> {
+        // Read the high watermark under the lock, so a write of an older value never lands
+        // after a newer one.
+        let _one_at_a_time = self.checkpoint_lock.lock().await;
         let hw = self.high_watermark();
         if self.checkpointed.load(Ordering::Relaxed) == hw || self.deleting.load(Ordering::SeqCst) {
             return Ok(());

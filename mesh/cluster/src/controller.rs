@@ -190,7 +190,7 @@ impl PartitionControl {
             .collect();
         let mut replicas = target.to_vec();
         replicas.extend(&removing);
-        if self.reassignment.is_none() && replicas == self.replicas {
+        if self.reassignment.is_none() && target == self.replicas.as_slice() {
             return Ok(());
         }
         let moving = !(adding.is_empty() && removing.is_empty());
@@ -264,9 +264,17 @@ impl PartitionControl {
                 "replica {l} leads; an unclean election is only for a partition without a leader"
             )));
         }
-        let Some(candidate) = self.replicas.iter().copied().find(|r| live.contains(r)) else {
+        // Never a replica a move is still adding: its log may be empty.
+        let adding = self.reassignment.as_ref().map(|r| r.adding.clone());
+        let Some(candidate) = self
+            .replicas
+            .iter()
+            .copied()
+            .filter(|r| !adding.as_ref().is_some_and(|a| a.contains(r)))
+            .find(|r| live.contains(r))
+        else {
             return Err(OperatorError::EligibleLeadersNotAvailable(format!(
-                "no replica of {:?} is live",
+                "no replica of {:?} is live (replicas being added do not count)",
                 self.replicas
             )));
         };
@@ -428,6 +436,11 @@ mod tests {
         let pe = c.state().partition_epoch;
         c.reassign(&[4, 2, 3], &live).unwrap();
         assert_eq!(c.state().partition_epoch, pe);
+        // Dropping the last replica is a real change, not a repeat.
+        let mut d = PartitionControl::new(vec![1, 2, 3]);
+        d.reassign(&[1, 2], &live).unwrap();
+        assert_eq!((d.replicas(), d.reassignment()), (&[1, 2][..], None));
+        assert_eq!(d.state().isr, [1, 2].into());
         // Shrinking to replicas in sync completes at once; the leader stays.
         c.reassign(&[4, 3], &live).unwrap();
         assert_eq!((c.replicas(), c.reassignment()), (&[4, 3][..], None));
@@ -510,6 +523,23 @@ mod tests {
         // 1 returns: 2 keeps leading; 1 follows (and truncates) like any other follower.
         assert!(!c.on_unfenced(1, &[1, 2].into()));
         assert_eq!(c.state().leader, Some(2));
+        // A replica a move is adding (an empty log) is never the unclean choice.
+        let mut c = PartitionControl::new(vec![1, 2]);
+        c.on_isr_proposal(&shrink, &[1, 2].into()).unwrap();
+        c.reassign(&[3, 2], &[1, 2, 3].into()).unwrap();
+        assert_eq!(c.replicas(), &[3, 2, 1]);
+        c.on_fenced(1, &[2, 3].into());
+        assert_eq!(c.state().leader, None);
+        c.elect_unclean(&[2, 3].into()).unwrap();
+        assert_eq!(c.state().leader, Some(2), "not 3, which is being added");
+        let mut c = PartitionControl::new(vec![1, 2]);
+        c.on_isr_proposal(&shrink, &[1, 2].into()).unwrap();
+        c.reassign(&[3, 2], &[1, 2, 3].into()).unwrap();
+        c.on_fenced(1, &[3].into());
+        assert!(matches!(
+            c.elect_unclean(&[3].into()),
+            Err(OperatorError::EligibleLeadersNotAvailable(_))
+        ));
     }
 }
 

@@ -26,6 +26,9 @@ const MAX_UDP_PAYLOAD_BYTES: u16 = 1472;
 /// yet sent); beyond it quinn drops the oldest. Gossip packets are ~1 KB and read at once, so
 /// this is hundreds of packets of slack while bounding what one peer can pin.
 const PEER_DATAGRAM_BUFFER_BYTES: usize = 256 * 1024;
+/// Concurrent bidirectional streams a peer connection allows at least (one per replicated
+/// partition a follower fetches, plus the controller's calls).
+const PEER_BIDI_STREAMS_MIN: u32 = 16_384;
 /// quinn sends up to 10 segments per GSO call and one call must fit a 64 KiB UDP datagram:
 /// above ~6.5 KB the kernel rejects the batch (EMSGSIZE, silently dropped), black-hole
 /// detection fires and the path falls back to 1200 bytes. Measured: 8952 ended at 1200 with
@@ -83,6 +86,14 @@ impl Server {
         peers: &ClientTrust,
         settings: &TransportSettings,
     ) -> Result<Self, TransportError> {
+        // Each follower keeps one long-lived stream per partition it fetches from a leader,
+        // on the connection that also carries the controller's calls: allow many more
+        // streams than a client connection needs, so fetches never starve those calls.
+        let mut peer_settings = settings.clone();
+        peer_settings.max_concurrent_bidi_streams = settings
+            .max_concurrent_bidi_streams
+            .max(PEER_BIDI_STREAMS_MIN);
+        let settings = &peer_settings;
         let mut server = Self::bind_with(
             addr,
             identity.rustls_peer_config(crate::ALPN_PEER, peers)?,

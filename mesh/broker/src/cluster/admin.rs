@@ -222,10 +222,18 @@ fn node_local(name: &str) -> bool {
 /// Makes the local partitions follow the metadata: hosts what the controller placed here,
 /// sets each hosted partition's role (leader, follower, offline), and deletes topics the
 /// metadata no longer has. Runs until the node stops.
+///
+/// Deleting is safe only on metadata at least as new as any this node acted on before: a
+/// node replaying its log after a restart passes through older states, in which a replica it
+/// was given later (and may be the last in-sync copy of) is absent. So every pass first
+/// records its index durably (`reconciled-index`), and until the replay has reached the index
+/// recorded before the restart, nothing is deleted.
 pub async fn reconcile(cluster: Arc<Cluster>, broker: Arc<Broker>) {
     let me = cluster.node_id();
     let mut changes = cluster.changes();
     let mut isolation = cluster.isolation();
+    let floor = load_index(cluster.reconciled_path());
+    let mut recorded = if floor == u64::MAX { 0 } else { floor };
     loop {
         type Wanted = (String, TopicConfig, Vec<Placed>);
         // What the metadata says, copied out of the lock.
@@ -279,6 +287,19 @@ pub async fn reconcile(cluster: Arc<Cluster>, broker: Arc<Broker>) {
                     .collect();
                 (applied, wanted, counts)
             });
+        if applied > recorded {
+            let path = cluster.reconciled_path().to_path_buf();
+            match tokio::task::spawn_blocking(move || store_index(&path, applied)).await {
+                Ok(Ok(())) => recorded = applied,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot record the reconciled metadata index")
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot record the reconciled metadata index"),
+            }
+        }
+        // Acting on this copy only once it is recorded, and deleting only once it is as new
+        // as what was acted on before a restart.
+        let may_delete = applied >= floor && recorded >= applied;
         // Local topics whose id the metadata no longer has: deleted (or deleted and created
         // again) while this node was away. Only once this copy has applied past the topic's
         // creation, so a copy still replaying its log never deletes anything.
@@ -295,7 +316,7 @@ pub async fn reconcile(cluster: Arc<Cluster>, broker: Arc<Broker>) {
                 continue;
             };
             let current = ids.get(name.as_str()).copied().flatten();
-            if current != Some(local_id) && applied >= local_id {
+            if current != Some(local_id) && applied >= local_id && may_delete {
                 match broker.delete_topic(name.as_str()).await {
                     Ok(()) => {
                         tracing::info!(topic = %name, id = local_id, "deleted: no longer in the metadata")
@@ -319,6 +340,14 @@ pub async fn reconcile(cluster: Arc<Cluster>, broker: Arc<Broker>) {
             if placed.is_empty() && local.is_none() {
                 continue;
             }
+            // A local topic of that name that is not this one (from before the node joined a
+            // cluster, without an id): left alone, not adopted.
+            if let Some(t) = &local
+                && t.config.topic_id != config.topic_id
+            {
+                tracing::warn!(topic = %name, local_id = ?t.config.topic_id, id = ?config.topic_id, "a local topic has the name of a cluster topic; left alone");
+                continue;
+            }
             // Hosted: what is placed here, and replicas moved away that this copy of the
             // metadata is too old to judge (still replaying the log after a restart).
             let mut hosted: Vec<u32> = placed.iter().map(|x| x.partition).collect();
@@ -329,7 +358,9 @@ pub async fn reconcile(cluster: Arc<Cluster>, broker: Arc<Broker>) {
             let mut kept = Vec::new();
             if let Some(t) = &local {
                 for (p, _) in t.hosted() {
-                    if !hosted.contains(&p) && applied < since.get(&p).copied().unwrap_or(0) {
+                    if !hosted.contains(&p)
+                        && (!may_delete || applied < since.get(&p).copied().unwrap_or(0))
+                    {
                         hosted.push(p);
                         kept.push(p);
                     }
@@ -384,4 +415,27 @@ pub async fn reconcile(cluster: Arc<Cluster>, broker: Arc<Broker>) {
             r = isolation.changed() => if r.is_err() { return },
         }
     }
+}
+
+/// The index recorded in `path`, 0 if none (a node that never reconciled).
+fn load_index(path: &std::path::Path) -> u64 {
+    match std::fs::read_to_string(path) {
+        Ok(t) => t.trim().parse().unwrap_or_else(|_| {
+            // Unreadable: assume the worst, delete nothing until restarted with a good file.
+            tracing::warn!(path = %path.display(), "reconciled index unreadable; deleting nothing");
+            u64::MAX
+        }),
+        Err(_) => 0,
+    }
+}
+
+/// Replaces the index in `path` (temporary file, fsync, rename).
+fn store_index(path: &std::path::Path, index: u64) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        std::io::Write::write_all(&mut f, format!("{index}\n").as_bytes())?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)
 }

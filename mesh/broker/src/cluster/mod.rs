@@ -98,6 +98,8 @@ const PEER_CALL: Duration = Duration::from_secs(3);
 /// Heartbeat intervals a new active controller gives the node that led the controller group
 /// before it, instead of a full lease (see `controller_loop`).
 const PREVIOUS_CONTROLLER_GRACE_HEARTBEATS: u32 = 3;
+/// How many terms after the previous controller's a takeover still counts as its successor.
+const PREVIOUS_CONTROLLER_TERMS: u64 = 3;
 
 /// This node's part in the cluster.
 pub struct Cluster {
@@ -109,6 +111,9 @@ pub struct Cluster {
     server: Arc<Server>,
     /// Membership by gossip: discovery and an advisory view of who is up.
     gossip: gossip::Gossip,
+    /// Where the reconciler records the newest metadata index it acted on (see
+    /// `admin::reconcile`).
+    reconciled_path: std::path::PathBuf,
     /// Replicated partitions hosted here.
     replicas: replicas::Replicas,
     /// This incarnation's broker epoch, once registered.
@@ -211,6 +216,7 @@ impl Cluster {
             peers: peers.clone(),
             server: server.clone(),
             gossip,
+            reconciled_path: dir.join("reconciled-index"),
             replicas: replicas::Replicas::default(),
             epoch: watch::channel(None).0,
             isolated: watch::channel(false).0,
@@ -527,6 +533,11 @@ impl Cluster {
         }
     }
 
+    /// The file the reconciler keeps its newest acted-on metadata index in.
+    pub fn reconciled_path(&self) -> &std::path::Path {
+        &self.reconciled_path
+    }
+
     /// What gossip says of each member this node's gossip knows.
     pub fn gossip_members(&self) -> Vec<gossip::GossipView> {
         self.gossip.members()
@@ -720,9 +731,10 @@ impl Cluster {
     /// to the group as learners.
     async fn controller_loop(self: Arc<Self>) {
         let tick = (self.settings.heartbeat / 2).max(Duration::from_millis(20));
-        // The last other node seen leading the group: when this node takes over, that one
-        // has just been silent for an election timeout.
-        let mut previous: Option<RaftId> = None;
+        // The last other node seen leading the group, and in which term: when this node
+        // takes over in the next terms, that one has just been silent for an election
+        // timeout.
+        let mut previous: Option<(RaftId, u64)> = None;
         loop {
             tokio::time::sleep(tick).await;
             let (leader, term, state) = {
@@ -732,8 +744,10 @@ impl Cluster {
             };
             if leader != Some(self.me()) || state != ServerState::Leader {
                 *self.lead_term.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                if leader.is_some() && leader != Some(self.me()) {
-                    previous = leader;
+                if let Some(l) = leader
+                    && l != self.me()
+                {
+                    previous = Some((l, term));
                 }
                 continue;
             }
@@ -766,8 +780,14 @@ impl Cluster {
                     let grace = self.settings.heartbeat * PREVIOUS_CONTROLLER_GRACE_HEARTBEATS;
                     let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
                     leases.clear();
+                    // Only a leader seen in one of the last few terms (a failed election or
+                    // two may come between); never one from long ago.
+                    let silent = previous
+                        .take()
+                        .filter(|(_, t)| term <= t + PREVIOUS_CONTROLLER_TERMS)
+                        .map(|(l, _)| l);
                     for (id, epoch, _) in &brokers {
-                        let start = if previous == Some(u64::from(*id)) {
+                        let start = if silent == Some(u64::from(*id)) {
                             now.checked_sub(self.settings.lease.saturating_sub(grace))
                                 .unwrap_or(now)
                         } else {
@@ -775,7 +795,7 @@ impl Cluster {
                         };
                         leases.insert(*id, (*epoch, start));
                     }
-                    tracing::info!(term, previous, "active controller");
+                    tracing::info!(term, previous = ?silent, "active controller");
                 }
             }
             let expired: Vec<(u32, u64)> = {

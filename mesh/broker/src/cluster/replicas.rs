@@ -363,6 +363,7 @@ async fn follow(cluster: Weak<Cluster>, replica: Arc<Replica>) {
         };
         if leader == me || leader_addr.is_empty() {
             drop(cluster);
+            session = None;
             if state.changed().await.is_err() {
                 return;
             }
@@ -371,6 +372,7 @@ async fn follow(cluster: Weak<Cluster>, replica: Arc<Replica>) {
         let snap = part.snapshot();
         let Some((_, req)) = replica.core().fetch_request(&snap) else {
             drop(cluster);
+            session = None;
             let _ = tokio::time::timeout(Duration::from_millis(200), state.changed()).await;
             continue;
         };
