@@ -513,7 +513,8 @@ async fn fetch_session<H: PeerHandler>(
     let _ = send.finish();
 }
 
-/// Writes one answer frame and leaves the stream open; `false` if the peer is gone.
+/// Writes one answer frame and leaves the stream open; `false` if the peer is gone or does
+/// not take the answer within `PEER_REQUEST_READ` (the stream is then reset).
 async fn write_answer(send: &mut SendStream, api: u16, a: PeerAnswer) -> bool {
     let frame = ResponseHeader {
         api,
@@ -521,7 +522,13 @@ async fn write_answer(send: &mut SendStream, api: u16, a: PeerAnswer) -> bool {
         request_id: 0,
     }
     .encode(&a.body);
-    send.write_chunks(&mut [frame]).await.is_ok()
+    match tokio::time::timeout(PEER_REQUEST_READ, send.write_chunks(&mut [frame])).await {
+        Ok(r) => r.is_ok(),
+        Err(_) => {
+            send.reset(0);
+            false
+        }
+    }
 }
 
 async fn answer(send: &mut SendStream, api: u16, a: PeerAnswer) {
